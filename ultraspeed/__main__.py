@@ -1,0 +1,3 @@
+from ultraspeed.cli import main
+
+raise SystemExit(main())
