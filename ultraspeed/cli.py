@@ -1,0 +1,82 @@
+"""`ultraspeed` command line. Each subcommand parses its flags here and calls into the package.
+
+Errors a user can cause end as one line on stderr (`ultraspeed: error: ...`) and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ultraspeed.errors import UltraSpeedError
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256, help="new tokens to generate at most (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = no top-k filter")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible outputs)")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+    from ultraspeed.engine.generate import GenerationStats, generate_plain
+    from ultraspeed.engine.sampler import SamplingParams
+    from ultraspeed.engine.text_stream import TextStream
+    from ultraspeed.loader import load_model
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_tokens=args.max_tokens, seed=args.seed, stop=tuple(args.stop or ()))
+    loaded = load_model(args.model)
+    tok = loaded.tokenizer
+    prompt_ids = tok.encode(args.prompt) if args.raw else tok.encode_chat([{"role": "user", "content": args.prompt}])
+    stats = GenerationStats()
+    stream = TextStream(tok, params.stop)
+    tokens = generate_plain(loaded.model, prompt_ids, params, tok.stop_token_ids, stats=stats)
+    for new_ids in tokens:
+        sys.stdout.write(stream.feed(new_ids))
+        sys.stdout.flush()
+        if stream.stopped:
+            stats.finish_reason = "stop"
+            break
+    sys.stdout.write(stream.flush() + "\n")
+    sys.stdout.flush()
+    record = {**stats.as_dict(), "model": loaded.source, "speculative": False}
+    print(json.dumps(record), file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ultraspeed", description="Fast MoE inference: MXFP4 experts, "
+                                     "DFlash speculative decoding, OpenAI-compatible serving.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="stream a completion for one prompt to stdout; JSON stats to stderr")
+    g.add_argument("prompt")
+    g.add_argument("--model", default="default",
+                   help="a Hugging Face model directory, a .gguf file, or 'default' (SmolLM2-135M-Instruct)")
+    g.add_argument("--no-spec", action="store_true", help="plain decoding, no speculative drafter")
+    g.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    add_sampling_flags(g)
+    g.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UltraSpeedError as e:
+        print(f"ultraspeed: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # invalid parameter values (sampling params, shapes)
+        print(f"ultraspeed: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
