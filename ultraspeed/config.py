@@ -126,14 +126,14 @@ def _eos_ids(value) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
 
 
-def _moe_layer_types(arch: str, c: dict, num_layers: int) -> tuple[str, ...]:
+def _moe_layer_types(arch: str, c: dict, num_layers: int, num_experts: int) -> tuple[str, ...]:
     if c.get("mlp_layer_types"):
         return tuple(c["mlp_layer_types"])
     if arch == "mixtral":
         return ("sparse",) * num_layers
     if arch == "qwen3_moe":
         step, dense_only = c.get("decoder_sparse_step", 1), set(c.get("mlp_only_layers") or [])
-        return tuple("sparse" if (i not in dense_only and c.get("num_experts", 0) and (i + 1) % step == 0)
+        return tuple("sparse" if (i not in dense_only and num_experts and (i + 1) % step == 0)
                      else "dense" for i in range(num_layers))
     if arch == "deepseek_v3":
         first_dense = c.get("first_k_dense_replace", 0)
@@ -197,7 +197,7 @@ def config_from_hf(c: dict) -> ModelConfig:
         v_head_dim=c.get("v_head_dim"),
         attention_sinks=arch == "mimo_v2_flash",
         attention_value_scale=float(c.get("attention_value_scale") or 1.0),
-        mlp_layer_types=_moe_layer_types(arch, c, num_layers),
+        mlp_layer_types=_moe_layer_types(arch, c, num_layers, num_experts),
         num_experts=num_experts,
         num_experts_per_tok=c.get("num_experts_per_tok", 0) if num_experts else 0,
         moe_intermediate_size=c.get("moe_intermediate_size") or c.get("intermediate_size", 0),

@@ -25,7 +25,8 @@ from ultraspeed.models.rope import apply_rope, rope_table
 class StepContext:
     """What every layer needs to know about this forward, computed once."""
 
-    batch: int                          # rows 0..batch-1 of the cache take part
+    first_row: int                      # cache rows first_row .. first_row+batch-1 take part
+    batch: int
     starts: torch.Tensor                # [B] cache length of each row before this step
     positions: torch.Tensor             # [B, T] absolute positions of the new tokens
     span: int                           # keys to attend over: max(starts) + T
@@ -92,7 +93,8 @@ class Attention(nn.Module):
 def write_kv(cache: KVCache, layer: int, k: torch.Tensor, v: torch.Tensor,
              step: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
     """Store the new keys/values at each row's positions; return views of all keys/values up to the span."""
-    key_cache, value_cache = cache.keys[layer], cache.values[layer]
+    rows = slice(step.first_row, step.first_row + step.batch)
+    key_cache, value_cache = cache.keys[layer][rows], cache.values[layer][rows]
     B, T = step.batch, k.shape[2]
     if step.single_row:
         s = int(step.starts[0])
@@ -100,9 +102,9 @@ def write_kv(cache: KVCache, layer: int, k: torch.Tensor, v: torch.Tensor,
         value_cache[0, :, s:s + T] = v[0]
     else:
         index = step.positions.view(B, 1, T, 1)
-        key_cache[:B].scatter_(2, index.expand(-1, k.shape[1], -1, k.shape[3]), k)
-        value_cache[:B].scatter_(2, index.expand(-1, v.shape[1], -1, v.shape[3]), v)
-    return key_cache[:B, :, :step.span], value_cache[:B, :, :step.span]
+        key_cache.scatter_(2, index.expand(-1, k.shape[1], -1, k.shape[3]), k)
+        value_cache.scatter_(2, index.expand(-1, v.shape[1], -1, v.shape[3]), v)
+    return key_cache[:, :, :step.span], value_cache[:, :, :step.span]
 
 
 class DecoderLayer(nn.Module):
@@ -157,8 +159,8 @@ class Decoder(nn.Module):
             tables[layer_type] = rope_table(rope, rotary_dim, c.max_position)
         return tables
 
-    def step_context(self, cache: KVCache, batch: int, num_new: int) -> StepContext:
-        starts = cache.lengths[:batch].clone()
+    def step_context(self, cache: KVCache, batch: int, num_new: int, first_row: int = 0) -> StepContext:
+        starts = cache.lengths[first_row:first_row + batch].clone()
         span = int(starts.max()) + num_new
         if span > cache.max_len or span > self.config.max_position:
             raise ValueError(f"sequence of {span} tokens exceeds the cache ({cache.max_len}) "
@@ -177,23 +179,23 @@ class Decoder(nn.Module):
             else:
                 masks[layer_type] = causal_mask(starts, num_new, span, window).to(device)
                 key_start[layer_type] = 0
-        return StepContext(batch, starts, positions.to(device), span, rope, masks, key_start)
+        return StepContext(first_row, batch, starts, positions.to(device), span, rope, masks, key_start)
 
     # -- forward ----------------------------------------------------------------------------------------------
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache,
-                capture_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Append input_ids [B, T] to cache rows 0..B-1. Returns normed hidden states [B, T, H] and the outputs of
+    def forward(self, input_ids: torch.Tensor, cache: KVCache, capture_layers: tuple[int, ...] = (),
+                first_row: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Append input_ids [B, T] to cache rows first_row..first_row+B-1. Returns normed hidden states [B, T, H] and the outputs of
         the layers listed in `capture_layers` (DFlash conditions its drafter on them)."""
         batch, num_new = input_ids.shape
-        step = self.step_context(cache, batch, num_new)
+        step = self.step_context(cache, batch, num_new, first_row)
         x = self.embed_tokens(input_ids)
         captured = []
         for i, layer in enumerate(self.layers):
             x = layer(x, step, cache, i)
             if i in capture_layers:
                 captured.append(x)
-        cache.lengths[:batch] += num_new
+        cache.lengths[first_row:first_row + batch] += num_new
         return self.norm(x), captured
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
