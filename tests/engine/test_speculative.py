@@ -1,0 +1,122 @@
+"""Speculative decoding is lossless: greedy output equals plain greedy decoding token for token (whatever the
+drafter proposes), and sampling draws from exactly the target distribution (checked statistically)."""
+
+import math
+
+import pytest
+import torch
+
+from tests.helpers import hf_model, ours_from_hf
+from ultraspeed.engine import speculative
+from ultraspeed.engine.generate import GenerationStats, generate_plain
+from ultraspeed.engine.sampler import SamplingParams, token_distribution
+from ultraspeed.models.dflash import DFlashConfig, DFlashDrafter, init_random
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    return ours_from_hf(hf_model("qwen3", seed=5), tmp_path_factory.mktemp("qwen3"))
+
+
+def make_drafter(target, block_size=6, seed=0):
+    d = DFlashDrafter(DFlashConfig.for_target(target.config, num_layers=1, num_features=2, block_size=block_size))
+    init_random(d, seed)
+    return d.requires_grad_(False)
+
+
+def plain_tokens(target, prompt, params):
+    return sum(generate_plain(target, prompt, params), [])
+
+
+@pytest.mark.parametrize("block_size", [2, 6])
+def test_greedy_random_drafter_identical(target, block_size):
+    prompt = [3, 17, 42, 9, 100, 5]
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    stats = GenerationStats()
+    got = sum(speculative.generate_speculative(target, make_drafter(target, block_size), prompt, params,
+                                               stats=stats), [])
+    assert got == plain_tokens(target, prompt, params)
+    assert stats.new_tokens == 30 and stats.finish_reason == "length"
+
+
+def test_greedy_with_good_and_bad_drafts_identical(target, monkeypatch):
+    """A drafter that is right most of the time: multi-token acceptance, partial acceptance and full blocks."""
+    prompt = [7, 8, 9, 10]
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    truth = plain_tokens(target, prompt, SamplingParams(max_tokens=80, ignore_eos=True))
+    calls = {"n": 0}
+
+    def oracle_draft(drafter, tgt, draft_cache, anchors):
+        # Draft the true continuation after the anchor, corrupting one slot every third call.
+        pos = int(draft_cache.lengths[0]) - len(prompt)          # index of the anchor in `truth`
+        B = drafter.config.block_size
+        guess = torch.tensor(truth[pos + 1: pos + B] + [0] * B)[:B - 1].view(1, -1)
+        calls["n"] += 1
+        if calls["n"] % 3 == 0:
+            guess[0, calls["n"] % (B - 1)] = (guess[0, calls["n"] % (B - 1)] + 1) % 128
+        return guess
+
+    monkeypatch.setattr(speculative, "draft_block", oracle_draft)
+    stats = GenerationStats()
+    got = sum(speculative.generate_speculative(target, make_drafter(target, 6), prompt, params, stats=stats), [])
+    assert got == truth[:40]
+    assert stats.mean_accepted > 3.0            # the oracle really was accepted several tokens at a time
+    assert max(stats.accepted_lengths) == 6     # and whole blocks went through
+
+
+def test_stop_token_ends_generation(target):
+    prompt = [3, 17, 42]
+    params = SamplingParams(max_tokens=30, ignore_eos=False)
+    truth = plain_tokens(target, prompt, SamplingParams(max_tokens=30, ignore_eos=True))
+    stop = truth[4]
+    first = truth.index(stop)
+    got = sum(speculative.generate_speculative(target, make_drafter(target), prompt, params, stop_ids=(stop,)), [])
+    assert got == truth[:first + 1]
+
+
+def test_accept_greedy_prefix_rule():
+    V = 10
+    targets = torch.tensor([[4, 5, 6, 7], [1, 2, 3, 4]])
+    logits = torch.nn.functional.one_hot(targets, V).float()
+    drafts = torch.tensor([[4, 5, 9], [0, 2, 3]])
+    accepted, bonus = speculative.accept_greedy(drafts, logits)
+    assert accepted.tolist() == [2, 0]
+    assert bonus.tolist() == [6, 1]
+
+
+def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson chi-square goodness of fit; p-value via the Wilson-Hilferty normal approximation."""
+    n = counts.sum()
+    keep = probs > 0
+    expected = probs[keep] * n
+    stat = float(((counts[keep] - expected) ** 2 / expected).sum())
+    dof = int(keep.sum()) - 1
+    z = ((stat / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_p=0.9),
+                                    SamplingParams(temperature=1.3, top_k=4)])
+def test_rejection_sampling_keeps_target_distribution(params):
+    """First two emitted tokens of a block follow p0 and p1 exactly, whatever the (point-mass) drafts are."""
+    torch.manual_seed(0)
+    V, N = 6, 40000
+    logits = torch.randn(1, 3, V) * 1.5
+    p = token_distribution(logits, params)[0]
+    drafts = torch.tensor([[int(p[0].argmax()), int(p[1].argmin())]])   # a likely and an unlikely draft
+    g = torch.Generator().manual_seed(1)
+    first = torch.zeros(V)
+    second_after_d1 = torch.zeros(V)
+    for _ in range(N):
+        a, bonus = speculative.accept_sampling(drafts, logits, params, g)
+        a, bonus = int(a[0]), int(bonus[0])
+        emitted = drafts[0, :a].tolist() + [bonus]
+        first[emitted[0]] += 1
+        if emitted[0] == int(drafts[0, 0]) and len(emitted) > 1:
+            second_after_d1[emitted[1]] += 1
+    assert chi_square_p_value(first, p[0]) > 1e-3
+    assert chi_square_p_value(second_after_d1, p[1]) > 1e-3
+    # And the test has power: the same counts do not fit a different distribution.
+    assert chi_square_p_value(first, p[1]) < 1e-6

@@ -1,0 +1,165 @@
+"""DFlash speculative decoding: draft a block in one drafter pass, verify it in one target pass, keep the
+longest agreeing prefix plus one target token, roll the KV cache back over the rest.
+
+Each step, for every row b of the batch (cache row b, committed length start_b, anchor = last target token):
+    draft   : [anchor, MASK x (B-1)] -> d_1 .. d_{B-1}                      (drafter, one forward)
+    verify  : target on [anchor, d_1 .. d_{B-1}] at start_b .. start_b+B-1  (target, one forward)
+    accept  : a_b drafts kept; bonus = target's own token after them        (greedy or rejection sampling)
+    rollback: crop target cache to start_b + a_b + 1; the kept rows' features feed the drafter's context
+Lossless: greedy output equals plain greedy decoding; sampled output follows the target distribution exactly,
+because a draft d is accepted with probability p(d) and a rejection resamples from p with d removed — the
+rejection rule of speculative sampling for a point-mass proposal.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from ultraspeed.engine.generate import GenerationStats, check_prompt_fits, prefill
+from ultraspeed.engine.kv_cache import KVCache
+from ultraspeed.engine.sampler import SamplingParams, make_generator, sample, token_distribution
+from ultraspeed.models.decoder import Decoder
+from ultraspeed.models.dflash import DFlashDrafter, block_mask
+
+
+def new_draft_cache(drafter: DFlashDrafter, max_batch: int, max_len: int) -> KVCache:
+    c = drafter.config
+    device = drafter.fc.weight.device
+    return KVCache.allocate([(c.num_kv_heads, c.head_dim, c.head_dim)] * c.num_layers, max_batch, max_len,
+                            drafter.fc.weight.dtype, device)
+
+
+def append_context(drafter: DFlashDrafter, draft_cache: KVCache, row: int, features: torch.Tensor) -> None:
+    """Write the drafter's context K/V for newly committed tokens of one row (features [1, n, K*H])."""
+    n = features.shape[1]
+    start = int(draft_cache.lengths[row])
+    positions = torch.arange(start, start + n, device=features.device).view(1, n)
+    for layer, (k, v) in enumerate(drafter.context_kv(features, positions)):
+        draft_cache.keys[layer][row, :, start:start + n] = k[0]
+        draft_cache.values[layer][row, :, start:start + n] = v[0]
+    draft_cache.lengths[row] = start + n
+
+
+def draft_block(drafter: DFlashDrafter, target: Decoder, draft_cache: KVCache, anchors: torch.Tensor) -> torch.Tensor:
+    """anchors [b] (rows 0..b-1, each at position draft_cache.lengths[row]) -> draft tokens [b, B-1] (argmax)."""
+    b, B = anchors.shape[0], drafter.config.block_size
+    device = anchors.device
+    starts = draft_cache.lengths[:b].to(device)
+    span = int(draft_cache.lengths[:b].max())
+    embeds = drafter.block_embeddings(target.embed_tokens(anchors).view(b, 1, -1))
+    positions = starts.view(b, 1) + torch.arange(B, device=device).view(1, B)
+    key_pos = torch.cat([torch.arange(span, device=device).expand(b, span), positions], dim=1)
+    key_block = torch.cat([torch.full((span,), -1, device=device), torch.zeros(B, dtype=torch.long, device=device)])
+    mask = block_mask(positions, torch.zeros(B, dtype=torch.long, device=device), starts.view(b, 1).expand(b, B),
+                      key_pos, key_block.expand(b, -1), drafter.config.window, drafter.config.causal_in_block)
+    context = [(k[:b, :, :span], v[:b, :, :span]) for k, v in zip(draft_cache.keys, draft_cache.values)]
+    hidden = drafter(embeds, positions, context, mask.unsqueeze(1))
+    return target.logits(hidden[:, 1:]).argmax(-1)
+
+
+def accept_greedy(drafts: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """drafts [b, B-1], target logits [b, B, V] -> (accepted count a [b], bonus token [b])."""
+    targets = logits.argmax(-1)                                   # y_i: target's choice after slot i
+    matches = (drafts == targets[:, :-1]).int()
+    accepted = matches.cumprod(dim=1).sum(dim=1)                  # longest agreeing prefix
+    bonus = targets.gather(1, accepted.view(-1, 1)).view(-1)
+    return accepted, bonus
+
+
+def accept_sampling(drafts: torch.Tensor, logits: torch.Tensor, params: SamplingParams,
+                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative sampling with a point-mass proposal at each draft token."""
+    probs = token_distribution(logits, params)                    # [b, B, V]
+    b, slots = drafts.shape
+    accepted = torch.zeros(b, dtype=torch.long)
+    bonus = torch.zeros(b, dtype=torch.long)
+    uniform = torch.rand(b, slots, generator=generator, device=probs.device)
+    for row in range(b):
+        i = 0
+        while i < slots and uniform[row, i] < probs[row, i, drafts[row, i]]:
+            i += 1
+        accepted[row] = i
+        p = probs[row, i].clone()
+        if i < slots:   # rejected d: resample from p without d (the residual max(p - q, 0) for q = delta_d)
+            p[drafts[row, i]] = 0.0
+            p = p / p.sum()
+        bonus[row] = torch.multinomial(p, 1, generator=generator)
+    return accepted.to(drafts.device), bonus.to(drafts.device)
+
+
+def features_of(captured: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(captured, dim=-1)
+
+
+@dataclass
+class SpeculativeState:
+    """One sequence's speculative decoding state between steps."""
+
+    anchor: int                    # last target-sampled token, not yet in the target cache
+    pending: torch.Tensor          # [1, n, K*H] features of committed tokens not yet in the draft cache
+
+
+@torch.inference_mode()
+def generate_speculative(target: Decoder, drafter: DFlashDrafter, prompt_ids: list[int], params: SamplingParams,
+                         stop_ids: tuple[int, ...] = (), cache: KVCache | None = None,
+                         stats: GenerationStats | None = None) -> Iterator[list[int]]:
+    """Same contract as generate_plain, several tokens per target forward."""
+    B = drafter.config.block_size
+    stats = stats if stats is not None else GenerationStats()
+    cache = cache if cache is not None else target.new_cache(1, len(prompt_ids) + params.max_tokens + B)
+    cache.reset(0)
+    room = check_prompt_fits(len(prompt_ids), cache, target)
+    max_new = min(params.max_tokens, room - B) if room > B else 0
+    if max_new <= 0:
+        # Too little room for a verify block: plain decoding can still finish the job.
+        from ultraspeed.engine.generate import generate_plain
+        yield from generate_plain(target, prompt_ids, params, stop_ids, cache, stats)
+        return
+    generator = make_generator(params.seed, target.embed_tokens.weight.device)
+    stop = set() if params.ignore_eos else set(stop_ids)
+    capture = drafter.config.target_layer_ids
+    draft_cache = new_draft_cache(drafter, 1, cache.max_len)
+    stats.prompt_tokens = len(prompt_ids)
+
+    t0 = time.perf_counter()
+    logits, captured = prefill(target, cache, prompt_ids, capture_layers=capture)
+    anchor = int(sample(logits, params, generator))
+    pending = features_of(captured)
+    stats.prefill_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    new_tokens = [anchor]
+    device = target.embed_tokens.weight.device
+    while True:
+        # Emit what is committed, stopping at EOS or the token limit.
+        for i, tok in enumerate(new_tokens):
+            if tok in stop or stats.new_tokens + 1 >= max_new:
+                stats.new_tokens += 1
+                stats.finish_reason = "stop" if tok in stop else "length"
+                stats.decode_seconds = time.perf_counter() - t0
+                yield new_tokens[:i + 1]
+                return
+            stats.new_tokens += 1
+        stats.decode_seconds = time.perf_counter() - t0
+        yield new_tokens
+
+        append_context(drafter, draft_cache, 0, pending)
+        anchors = torch.tensor([anchor], device=device)
+        drafts = draft_block(drafter, target, draft_cache, anchors)                 # [1, B-1]
+        start = int(cache.lengths[0])
+        hidden, captured = target(torch.cat([anchors.view(1, 1), drafts], dim=1), cache, capture)
+        logits = target.logits(hidden)
+        if params.greedy:
+            accepted, bonus = accept_greedy(drafts, logits)
+        else:
+            accepted, bonus = accept_sampling(drafts, logits, params, generator)
+        a = int(accepted[0])
+        cache.crop(0, start + a + 1)                      # keep anchor + a drafts
+        pending = features_of(captured)[:, :a + 1]
+        new_tokens = drafts[0, :a].tolist() + [int(bonus[0])]
+        anchor = new_tokens[-1]
+        stats.target_forwards += 1
+        stats.accepted_lengths.append(a + 1)
