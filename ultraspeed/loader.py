@@ -131,7 +131,9 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     for t in reader.tensors:
         data = gguf.quants.dequantize(t.data, t.tensor_type)
         shape = tuple(int(d) for d in reversed(t.shape))
-        tensors[t.name] = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32).reshape(shape))
+        array = np.ascontiguousarray(data, dtype=np.float32).reshape(shape)
+        # Unquantized tensors come back as read-only views of the memory-mapped file: copy those.
+        tensors[t.name] = torch.from_numpy(array if array.flags.writeable else array.copy())
     return meta, tensors
 
 
@@ -177,6 +179,7 @@ def gguf_to_hf_names(tensors: dict[str, torch.Tensor], config: ModelConfig) -> d
 def _normalize_hf_name(name: str) -> str:
     name = name.removeprefix("model.") if name.startswith("model.") else name
     name = name.replace("block_sparse_moe.", "mlp.")
+    name = name.replace("self_attn.attention_sink_bias", "self_attn.sinks")   # MiMo's checkpoint name
     # Mixtral's per-expert w1/w3/w2 are gate/up/down.
     return re.sub(r"(experts\.\d+)\.w([123])\.", lambda m: f"{m.group(1)}.{ {'1': 'gate_proj', '3': 'up_proj', '2': 'down_proj'}[m.group(2)] }.", name)
 
