@@ -49,6 +49,39 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_drafter(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+    from ultraspeed.loader import load_model
+    from ultraspeed.models.dflash import DFlashConfig, DFlashDrafter, init_from_target, init_random, load_drafter
+    from ultraspeed.train.distill_data import DistillSpec, build_or_load
+    from ultraspeed.train.drafter import TrainConfig, train
+
+    torch.manual_seed(args.seed)
+    loaded = load_model(args.model)
+    out = Path(args.out)
+    existing = out / "drafter.safetensors"
+    if existing.exists() and (out / "checkpoint.pt").exists():
+        drafter = load_drafter(existing).requires_grad_(True)      # resume keeps the recorded config
+    else:
+        config = DFlashConfig.for_target(loaded.config, num_layers=args.layers, num_features=args.features,
+                                         block_size=args.block_size, window=args.window)
+        drafter = DFlashDrafter(config)
+        init_random(drafter, args.seed)
+        init_from_target(drafter, loaded.model)
+    counts = tuple((d, n) for d, n in zip(("code", "math", "chat", "agent"), args.prompts))
+    spec = DistillSpec(counts=counts, max_new_tokens=args.max_new_tokens,
+                       target_layer_ids=drafter.config.target_layer_ids, model=str(args.model))
+    data = build_or_load(loaded, spec, Path(args.data_dir), batch=args.gen_batch)
+    print(f"distill data: {len(data)} sequences, {int(data.offsets[-1])} tokens", file=sys.stderr)
+    cfg = TrainConfig(steps=args.steps, seqs_per_step=args.seqs_per_step, anchors_per_seq=args.anchors,
+                      seed=args.seed, checkpoint_every=args.checkpoint_every)
+    train(drafter, loaded.model, data, cfg, out, log=lambda m: print(m, file=sys.stderr))
+    print(f"drafter written to {out / 'drafter.safetensors'}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ultraspeed", description="Fast MoE inference: MXFP4 experts, "
                                      "DFlash speculative decoding, OpenAI-compatible serving.")
@@ -64,6 +97,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     add_sampling_flags(g)
     g.set_defaults(func=cmd_generate)
+
+    t = sub.add_parser("train-drafter", help="self-distill data from the target, then train a DFlash drafter")
+    t.add_argument("--model", default="default", help="target model (directory, .gguf or 'default')")
+    t.add_argument("--out", default="runs/drafter", help="checkpoints and drafter.safetensors (resumable)")
+    t.add_argument("--data-dir", default="runs/distill", help="cache of generated sequences and features")
+    t.add_argument("--prompts", type=int, nargs=4, default=[120, 200, 300, 120], metavar=("CODE", "MATH", "CHAT", "AGENT"),
+                   help="training prompts per domain (default 120 200 300 120)")
+    t.add_argument("--max-new-tokens", type=int, default=192, help="target response length for distillation")
+    t.add_argument("--gen-batch", type=int, default=16, help="sequences generated at once")
+    t.add_argument("--layers", type=int, default=2, help="draft transformer layers")
+    t.add_argument("--features", type=int, default=5, help="target layers whose outputs feed the drafter")
+    t.add_argument("--block-size", type=int, default=16)
+    t.add_argument("--window", type=int, default=None, help="sliding window over context (default: full)")
+    t.add_argument("--steps", type=int, default=2000)
+    t.add_argument("--seqs-per-step", type=int, default=4)
+    t.add_argument("--anchors", type=int, default=24, help="random anchor blocks per sequence")
+    t.add_argument("--checkpoint-every", type=int, default=100)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_train_drafter)
     return parser
 
 

@@ -1,0 +1,101 @@
+"""Self-distillation data for the drafter: the target answers prompts itself; we keep its tokens and its
+teacher-forced hidden features, cached on disk so training epochs never rerun the target.
+
+Files in the data directory:
+    sequences.pt   {"spec": ..., "prompt_lens": [...], "tokens": [[...]], "domains": [...]}
+    features.npy   float16 [total_tokens, K*H]: concatenated outputs of the drafter's target layers
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ultraspeed.engine.batch_generate import generate_batch
+from ultraspeed.engine.sampler import SamplingParams
+from ultraspeed.loader import LoadedModel
+from ultraspeed.train.prompts import domain_prompts
+
+
+@dataclass(frozen=True)
+class DistillSpec:
+    counts: tuple[tuple[str, int], ...] = (("code", 120), ("math", 200), ("chat", 300), ("agent", 120))
+    max_new_tokens: int = 192
+    max_prompt_tokens: int = 384
+    target_layer_ids: tuple[int, ...] = ()
+    model: str = "default"
+
+
+@dataclass
+class DistillData:
+    prompt_lens: list[int]
+    tokens: list[list[int]]
+    domains: list[str]
+    offsets: np.ndarray          # [N+1] start of each sequence's rows in features
+    features: np.ndarray         # float16 [total_tokens, K*H] (memory-mapped)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def sequence_features(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.features[self.offsets[i]:self.offsets[i + 1]], dtype=np.float32))
+
+
+def build_or_load(loaded: LoadedModel, spec: DistillSpec, directory: Path, batch: int = 16) -> DistillData:
+    directory.mkdir(parents=True, exist_ok=True)
+    seq_path, feat_path = directory / "sequences.pt", directory / "features.npy"
+    spec_json = json.dumps(asdict(spec), sort_keys=True)
+    if seq_path.exists() and feat_path.exists():
+        saved = torch.load(seq_path)
+        if saved["spec"] == spec_json:
+            return _load(saved, feat_path)
+        print(f"distill data in {directory} was built with another spec; rebuilding")
+    tok = loaded.tokenizer
+    prompts, domains = [], []
+    for domain, count in spec.counts:
+        for messages in domain_prompts(domain, "train", count):
+            ids = tok.encode_chat(messages)
+            if len(ids) <= spec.max_prompt_tokens:
+                prompts.append(ids)
+                domains.append(domain)
+    params = SamplingParams(temperature=0.0, max_tokens=spec.max_new_tokens)
+    bar = tqdm(total=len(prompts), desc="distill: target generates responses", unit="seq")
+    responses = generate_batch(loaded.model, prompts, params, tok.stop_token_ids, max_batch=batch,
+                               on_finish=lambda i, toks: bar.update(1))
+    bar.close()
+    tokens = [p + r for p, r in zip(prompts, responses)]
+    _write_features(loaded, tokens, spec.target_layer_ids, feat_path)
+    saved = {"spec": spec_json, "prompt_lens": [len(p) for p in prompts], "tokens": tokens, "domains": domains}
+    torch.save(saved, seq_path)
+    return _load(saved, feat_path)
+
+
+@torch.inference_mode()
+def _write_features(loaded: LoadedModel, tokens: list[list[int]], layers: tuple[int, ...], path: Path) -> None:
+    model = loaded.model
+    total = sum(len(t) for t in tokens)
+    width = len(layers) * model.config.hidden_size
+    out = np.lib.format.open_memmap(path.with_suffix(".tmp.npy"), mode="w+", dtype=np.float16, shape=(total, width))
+    cache = model.new_cache(1, max(len(t) for t in tokens))
+    row = 0
+    for ids in tqdm(tokens, desc="distill: teacher-forced target features", unit="seq"):
+        cache.reset(0)
+        _, captured = model(torch.tensor([ids]), cache, capture_layers=layers)
+        feats = torch.cat(captured, dim=-1)[0]
+        out[row:row + len(ids)] = feats.to(torch.float16).numpy()
+        row += len(ids)
+    out.flush()
+    del out
+    path.with_suffix(".tmp.npy").rename(path)
+
+
+def _load(saved: dict, feat_path: Path) -> DistillData:
+    lens = [len(t) for t in saved["tokens"]]
+    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    features = np.load(feat_path, mmap_mode="r")
+    return DistillData(saved["prompt_lens"], saved["tokens"], saved["domains"], offsets, features)
