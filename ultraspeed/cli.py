@@ -82,6 +82,33 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
     return 0
 
 
+def emit_report(report: dict, args: argparse.Namespace, table: str) -> None:
+    """--json prints the machine-readable report; otherwise a table. --out also saves the JSON."""
+    if args.out:
+        from pathlib import Path
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2) if args.json else table)
+
+
+def cmd_bench_speed(args: argparse.Namespace) -> int:
+    from ultraspeed.bench.speed import SpeedConfig, format_table, run_speed_bench
+    peers = () if args.no_peers else tuple(args.peers)
+    cfg = SpeedConfig(model=args.model, new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads,
+                      peers=peers, drafter=args.drafter)
+    report = run_speed_bench(cfg)
+    emit_report(report, args, format_table(report))
+    return 0
+
+
+def add_bench_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default")
+    p.add_argument("--json", action="store_true", help="print the machine-readable JSON report")
+    p.add_argument("--out", default=None, help="also write the JSON report to this file")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for every system (default 2)")
+    p.add_argument("--repeats", type=int, default=3, help="rounds over the prompt set; medians are reported")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ultraspeed", description="Fast MoE inference: MXFP4 experts, "
                                      "DFlash speculative decoding, OpenAI-compatible serving.")
@@ -116,6 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=int, default=100)
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_train_drafter)
+
+    bench = sub.add_parser("bench", help="benchmarks (machine-readable with --json)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    bs = bench_sub.add_parser("speed", help="greedy decode tok/s: ours vs HF transformers vs llama.cpp")
+    add_bench_flags(bs)
+    bs.add_argument("--new-tokens", type=int, default=128)
+    bs.add_argument("--peers", nargs="*", default=["hf_transformers", "llama_cpp"])
+    bs.add_argument("--no-peers", action="store_true", help="measure our engine only")
+    bs.add_argument("--drafter", default=None, help="also measure DFlash with this drafter")
+    bs.set_defaults(func=cmd_bench_speed)
     return parser
 
 
