@@ -24,6 +24,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from ultraspeed.engine.generate import GenerationStats, generate_plain
     from ultraspeed.engine.sampler import SamplingParams
+    from ultraspeed.drafters import drafter_for
     from ultraspeed.engine.text_stream import TextStream
     from ultraspeed.loader import load_model
 
@@ -35,7 +36,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt_ids = tok.encode(args.prompt) if args.raw else tok.encode_chat([{"role": "user", "content": args.prompt}])
     stats = GenerationStats()
     stream = TextStream(tok, params.stop)
-    tokens = generate_plain(loaded.model, prompt_ids, params, tok.stop_token_ids, stats=stats)
+    drafter_path = None if args.no_spec else drafter_for(args.model, args.drafter)
+    if drafter_path is not None:
+        from ultraspeed.engine.speculative import generate_speculative
+        from ultraspeed.models.dflash import load_drafter
+        drafter = load_drafter(drafter_path)
+        if args.block_size:
+            from ultraspeed.bench.acceptance import with_block_size
+            drafter = with_block_size(drafter, args.block_size)
+        tokens = generate_speculative(loaded.model, drafter, prompt_ids, params, tok.stop_token_ids, stats=stats)
+    else:
+        tokens = generate_plain(loaded.model, prompt_ids, params, tok.stop_token_ids, stats=stats)
     for new_ids in tokens:
         sys.stdout.write(stream.feed(new_ids))
         sys.stdout.flush()
@@ -44,7 +55,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             break
     sys.stdout.write(stream.flush() + "\n")
     sys.stdout.flush()
-    record = {**stats.as_dict(), "model": loaded.source, "speculative": False}
+    record = {**stats.as_dict(), "model": loaded.source, "speculative": drafter_path is not None,
+              "drafter": str(drafter_path) if drafter_path else None}
     print(json.dumps(record), file=sys.stderr)
     return 0
 
@@ -101,6 +113,22 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_acceptance(args: argparse.Namespace) -> int:
+    from ultraspeed.bench.acceptance import AcceptanceConfig, format_table, run_acceptance_bench
+    from ultraspeed.drafters import drafter_for
+    from ultraspeed.loader import load_model
+    from ultraspeed.models.dflash import load_drafter
+    path = drafter_for(args.model, args.drafter)
+    if path is None:
+        raise UltraSpeedError("no drafter: pass --drafter PATH (only the default model ships with one)")
+    cfg = AcceptanceConfig(domains=tuple(args.domains), block_sizes=tuple(args.block_sizes),
+                           prompts_per_domain=args.prompts, max_tokens=args.max_tokens, threads=args.threads)
+    report = run_acceptance_bench(load_model(args.model), load_drafter(path), cfg)
+    report["drafter_path"] = str(path)
+    emit_report(report, args, format_table(report))
+    return 0
+
+
 def add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default")
     p.add_argument("--json", action="store_true", help="print the machine-readable JSON report")
@@ -119,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="default",
                    help="a Hugging Face model directory, a .gguf file, or 'default' (SmolLM2-135M-Instruct)")
     g.add_argument("--no-spec", action="store_true", help="plain decoding, no speculative drafter")
+    g.add_argument("--drafter", default=None, help="DFlash drafter .safetensors (default model: the shipped one)")
+    g.add_argument("--block-size", type=int, default=0, help="draft block length (default: the drafter's own)")
     g.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
@@ -153,6 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--no-peers", action="store_true", help="measure our engine only")
     bs.add_argument("--drafter", default=None, help="also measure DFlash with this drafter")
     bs.set_defaults(func=cmd_bench_speed)
+    ba = bench_sub.add_parser("acceptance", help="DFlash accepted length and speed-up per domain and block size")
+    add_bench_flags(ba)
+    ba.add_argument("--drafter", default=None)
+    ba.add_argument("--domains", nargs="+", default=["code", "math", "chat", "agent"])
+    ba.add_argument("--block-sizes", type=int, nargs="+", default=[8, 16])
+    ba.add_argument("--prompts", type=int, default=4, help="held-out prompts per domain")
+    ba.add_argument("--max-tokens", type=int, default=128)
+    ba.set_defaults(func=cmd_bench_acceptance)
     return parser
 
 
