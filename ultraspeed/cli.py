@@ -129,6 +129,21 @@ def cmd_bench_acceptance(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cost(args: argparse.Namespace) -> int:
+    from ultraspeed.bench.cost import Task, Tier, compare, format_report, speeds_from_bench
+    speeds = {"standard": args.standard_speed, "ultraspeed": args.ultraspeed_speed}
+    if args.from_bench:
+        speeds = {**speeds_from_bench(args.from_bench), **{k: v for k, v in speeds.items() if v}}
+    if not speeds["standard"] or not speeds["ultraspeed"]:
+        raise UltraSpeedError("give --standard-speed and --ultraspeed-speed (tok/s) or --from-bench REPORT.json")
+    tiers = [Tier("standard", speeds["standard"], 1.0, args.ttft, args.standard_retry_rate),
+             Tier("ultraspeed", speeds["ultraspeed"], args.multiplier, args.ttft, args.ultraspeed_retry_rate)]
+    task = Task(args.output_tokens, args.prompt_tokens, args.price_in, args.price_out, args.value_of_time)
+    report = compare(tiers, task)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
 def add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default")
     p.add_argument("--json", action="store_true", help="print the machine-readable JSON report")
@@ -191,6 +206,22 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--prompts", type=int, default=4, help="held-out prompts per domain")
     ba.add_argument("--max-tokens", type=int, default=128)
     ba.set_defaults(func=cmd_bench_acceptance)
+
+    c = sub.add_parser("cost", help="effective cost and time per completed task, standard vs ultraspeed tier")
+    c.add_argument("--output-tokens", type=int, default=2000, help="output tokens per task (default 2000)")
+    c.add_argument("--prompt-tokens", type=int, default=1000)
+    c.add_argument("--standard-speed", type=float, default=None, help="tok/s of the standard tier")
+    c.add_argument("--ultraspeed-speed", type=float, default=None, help="tok/s of the ultraspeed tier")
+    c.add_argument("--from-bench", default=None, help="read both speeds from a bench speed/acceptance JSON")
+    c.add_argument("--multiplier", type=float, default=3.0, help="ultraspeed price multiplier (default 3)")
+    c.add_argument("--price-in", type=float, default=0.5, help="USD per million input tokens at 1x")
+    c.add_argument("--price-out", type=float, default=2.0, help="USD per million output tokens at 1x")
+    c.add_argument("--ttft", type=float, default=0.5, help="seconds to first token (both tiers)")
+    c.add_argument("--standard-retry-rate", type=float, default=0.0, help="probability an attempt times out")
+    c.add_argument("--ultraspeed-retry-rate", type=float, default=0.0)
+    c.add_argument("--value-of-time", type=float, default=0.0, help="USD per hour of waiting")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_cost)
     return parser
 
 
