@@ -59,7 +59,7 @@ def resolve_model_path(model: str | Path | None) -> Path:
 def load_model(model: str | Path | None = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
     path = resolve_model_path(model)
     if path.is_file() and path.suffix == ".gguf":
-        meta, tensors = read_gguf(path)
+        meta, tensors = read_gguf_cached(path)
         config = config_from_gguf(meta)
         tensors = gguf_to_hf_names(tensors, config)
         config = config.replace(tie_word_embeddings="lm_head.weight" not in tensors)
@@ -135,6 +135,49 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         # Unquantized tensors come back as read-only views of the memory-mapped file: copy those.
         tensors[t.name] = torch.from_numpy(array if array.flags.writeable else array.copy())
     return meta, tensors
+
+
+def cache_dir() -> Path:
+    import os
+    return Path(os.environ.get("ULTRASPEED_CACHE", Path.home() / ".cache" / "ultraspeed"))
+
+
+def read_gguf_cached(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """read_gguf, memoized on disk: parsing GGUF metadata (a 50k-entry vocabulary) and dequantizing every tensor
+    takes seconds; the cached copy (JSON + safetensors, keyed by file size and mtime) loads memory-mapped."""
+    import hashlib
+    from safetensors.torch import load_file, save_file
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    entry = cache_dir() / "gguf" / f"{path.stem}-{key}"
+    meta_path, tensor_path = entry / "meta.json", entry / "tensors.safetensors"
+    if meta_path.exists() and tensor_path.exists():
+        try:
+            return json.loads(meta_path.read_text()), load_file(str(tensor_path))
+        except Exception:
+            pass  # a damaged cache entry is rebuilt below
+    meta, tensors = read_gguf(path)
+    try:
+        entry.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tensor_path.with_suffix(".tmp")))
+        tensor_path.with_suffix(".tmp").rename(tensor_path)
+        meta_path.write_text(json.dumps(_jsonable(meta)))
+    except OSError:
+        pass  # caching is an optimisation: a read-only home must not break loading
+    return meta, tensors
+
+
+def _jsonable(meta: dict) -> dict:
+    out = {}
+    for k, v in meta.items():
+        if isinstance(v, np.ndarray):
+            v = v.tolist()
+        elif isinstance(v, (np.generic,)):
+            v = v.item()
+        elif isinstance(v, (bytes, bytearray)):
+            continue
+        out[k] = v
+    return out
 
 
 _GGUF_NAMES = {

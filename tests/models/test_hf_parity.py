@@ -12,10 +12,21 @@ pytest.importorskip("transformers")
 ATOL = 2e-4
 
 
-@pytest.fixture(params=sorted(TINY_CONFIGS))
-def pair(request, tmp_path):
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine spinning OpenMP threads made
+    this module about 8x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=sorted(TINY_CONFIGS))
+def pair(request, tmp_path_factory):
+    """Built once per config: the tests only read the models (each makes its own cache)."""
     hf = hf_model(request.param)
-    return hf, ours_from_hf(hf, tmp_path)
+    return hf, ours_from_hf(hf, tmp_path_factory.mktemp(request.param))
 
 
 def run_ours(model, ids: torch.Tensor, cache, chunks: list[int]) -> torch.Tensor:

@@ -50,17 +50,20 @@ def causal_mask(starts: torch.Tensor, num_new: int, span: int, window: int | Non
 
 
 class Attention(nn.Module):
-    """Grouped-query attention with optional q/k/v bias, per-head QK-norm, partial rope, sinks, sliding window."""
+    """Grouped-query attention with optional q/k/v bias, per-head QK-norm, partial rope, sinks, sliding window.
+
+    The layer type picks the rope, the mask and, for MiMo, the number of KV heads and whether there are sinks.
+    """
 
     def __init__(self, config: ModelConfig, layer_type: str, dtype: torch.dtype) -> None:
         super().__init__()
         c = config
         self.layer_type = layer_type
-        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.kv_heads(layer_type), c.head_dim
         self.v_head_dim = c.v_head_dim or c.head_dim
         self.q_size = c.num_heads * c.head_dim
-        self.k_size = c.num_kv_heads * c.head_dim
-        self.v_size = c.num_kv_heads * self.v_head_dim
+        self.k_size = self.num_kv_heads * c.head_dim
+        self.v_size = self.num_kv_heads * self.v_head_dim
         self.scale = c.head_dim ** -0.5
         self.value_scale = c.attention_value_scale
         self.qkv_proj = Linear(c.hidden_size, self.q_size + self.k_size + self.v_size, bias=c.attention_bias,
@@ -68,7 +71,11 @@ class Attention(nn.Module):
         self.o_proj = Linear(c.num_heads * self.v_head_dim, c.hidden_size, bias=c.o_bias, dtype=dtype)
         self.q_norm = RMSNorm(c.head_dim, c.rms_eps, dtype) if c.qk_norm else None
         self.k_norm = RMSNorm(c.head_dim, c.rms_eps, dtype) if c.qk_norm else None
-        self.sinks = nn.Parameter(torch.zeros(c.num_heads, dtype=dtype)) if c.attention_sinks else None
+        self.sinks = (nn.Parameter(torch.zeros(c.num_heads, dtype=dtype)) if layer_type in c.sink_layer_types
+                      else None)
+
+    def kv_shape(self) -> tuple[int, int, int]:
+        return self.num_kv_heads, self.head_dim, self.v_head_dim
 
     def forward(self, x: torch.Tensor, step: StepContext, cache: KVCache, layer: int) -> torch.Tensor:
         B, T, _ = x.shape

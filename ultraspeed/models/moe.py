@@ -26,7 +26,8 @@ def route_softmax(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[to
 def route_sigmoid_grouped(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
                           normalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-V3: sigmoid scores; a bias (load balancing) steers only *which* experts are chosen; experts are
-    picked from the `topk_group` groups whose best two biased scores sum highest."""
+    picked from the `topk_group` groups whose best two biased scores sum highest. MiMo-V2-Flash routes the same way
+    (usually with a single group)."""
     scores = logits.float().sigmoid()
     biased = scores + bias.float()
     num_experts = scores.shape[-1]
@@ -35,7 +36,8 @@ def route_sigmoid_grouped(logits: torch.Tensor, bias: torch.Tensor, top_k: int, 
     keep_groups = group_scores.topk(topk_group, dim=-1).indices
     group_mask = torch.zeros_like(group_scores).scatter_(1, keep_groups, 1.0)
     expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(-1, num_experts).bool()
-    ids = biased.masked_fill(~expert_mask, 0.0).topk(top_k, dim=-1).indices
+    # -inf, not 0: biased scores can be negative, and an expert outside the kept groups must never win.
+    ids = biased.masked_fill(~expert_mask, float("-inf")).topk(top_k, dim=-1).indices
     weights = scores.gather(-1, ids)
     if normalize:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
@@ -104,11 +106,12 @@ class SparseMoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
-        logits = self.gate(x)
         if c.router == "sigmoid":
+            # DeepSeek/MiMo take router logits in fp32 whatever the activation dtype (the reference does too).
+            logits = F.linear(x.float(), self.gate.weight.float())
             return route_sigmoid_grouped(logits, self.e_score_correction_bias, c.num_experts_per_tok, c.n_group,
                                          c.topk_group, c.norm_topk_prob, c.routed_scaling_factor)
-        return route_softmax(logits, c.num_experts_per_tok, c.norm_topk_prob)
+        return route_softmax(self.gate(x), c.num_experts_per_tok, c.norm_topk_prob)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

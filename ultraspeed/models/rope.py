@@ -57,11 +57,20 @@ def _yarn_frequencies(inv_freq: torch.Tensor, rope: RopeConfig, dim: int) -> tup
     ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
     extrapolation = 1 - ramp
     inv_freq = (inv_freq / rope.factor) * (1 - extrapolation) + inv_freq * extrapolation
-    if rope.mscale_all_dim:
+    if rope.mscale and rope.mscale_all_dim:
         attention_scale = _yarn_mscale(rope.factor, rope.mscale) / _yarn_mscale(rope.factor, rope.mscale_all_dim)
     else:
         attention_scale = _yarn_mscale(rope.factor)
     return inv_freq, attention_scale
+
+
+def softmax_mscale(rope: RopeConfig) -> float:
+    """Factor on the softmax scale for a scaled rope with `mscale_all_dim` (DeepSeek MLA). DeepSeek applies yarn's
+    attention temperature to the whole q·k, rotary and non-rotary dims alike, through the softmax scale; its rope
+    table then only carries the mscale / mscale_all_dim ratio (usually 1)."""
+    if rope.rope_type == "default" or not rope.mscale_all_dim:
+        return 1.0
+    return _yarn_mscale(rope.factor, rope.mscale_all_dim) ** 2
 
 
 def rope_table(rope: RopeConfig, rotary_dim: int, max_position: int) -> tuple[torch.Tensor, torch.Tensor]:
