@@ -1,0 +1,30 @@
+from ultraspeed.engine.text_stream import TextStream
+
+
+class CharTokenizer:
+    """One token per character (ids are code points), enough to test streaming rules."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+def feed_all(stream, text):
+    out = "".join(stream.feed([ord(c)]) for c in text)
+    return out + stream.flush()
+
+
+def test_plain_text_passes_through():
+    assert feed_all(TextStream(CharTokenizer()), "hello world") == "hello world"
+
+
+def test_stop_string_cuts_and_is_not_emitted():
+    s = TextStream(CharTokenizer(), stop=("STOP",))
+    assert feed_all(s, "abc STOP def") == "abc "
+    assert s.stopped
+
+
+def test_partial_stop_prefix_is_held_back_then_released():
+    s = TextStream(CharTokenizer(), stop=("END",))
+    assert s.feed([ord("a"), ord("E")]) == "a"          # "E" might start "END"
+    assert s.feed([ord("N")]) == ""
+    assert s.feed([ord("x")]) == "ENx"                   # it did not
