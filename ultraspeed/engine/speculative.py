@@ -14,7 +14,6 @@ rejection rule of speculative sampling for a point-mass proposal.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -71,36 +70,57 @@ def accept_greedy(drafts: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Ten
 
 
 def accept_sampling(drafts: torch.Tensor, logits: torch.Tensor, params: SamplingParams,
-                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Speculative sampling with a point-mass proposal at each draft token."""
-    probs = token_distribution(logits, params)                    # [b, B, V]
+                    generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative sampling with a point-mass proposal at each draft token (vectorized over rows)."""
+    probs = token_distribution(logits, params)                                  # [b, B, V]
     b, slots = drafts.shape
-    accepted = torch.zeros(b, dtype=torch.long)
-    bonus = torch.zeros(b, dtype=torch.long)
+    draft_probs = probs[:, :-1].gather(-1, drafts.unsqueeze(-1)).squeeze(-1)   # p_i(d_{i+1})
     uniform = torch.rand(b, slots, generator=generator, device=probs.device)
-    for row in range(b):
-        i = 0
-        while i < slots and uniform[row, i] < probs[row, i, drafts[row, i]]:
-            i += 1
-        accepted[row] = i
-        p = probs[row, i].clone()
-        if i < slots:   # rejected d: resample from p without d (the residual max(p - q, 0) for q = delta_d)
-            p[drafts[row, i]] = 0.0
-            p = p / p.sum()
-        bonus[row] = torch.multinomial(p, 1, generator=generator)
-    return accepted.to(drafts.device), bonus.to(drafts.device)
+    accepted = (uniform < draft_probs).int().cumprod(dim=1).sum(dim=1)         # accept d with probability p(d)
+    p = probs[torch.arange(b, device=probs.device), accepted]                   # distribution of the bonus token
+    # A rejected d is resampled from p without d: the residual max(p - q, 0) for q = delta_d.
+    rejected = (accepted < slots).view(-1, 1)
+    rejected_token = drafts.gather(1, accepted.clamp(max=slots - 1).view(-1, 1))
+    p = torch.where(rejected, p.scatter(1, rejected_token, 0.0), p)
+    bonus = torch.multinomial(p / p.sum(-1, keepdim=True), 1, generator=generator).view(-1)
+    return accepted.long(), bonus
 
 
 def features_of(captured: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(captured, dim=-1)
 
 
-@dataclass
-class SpeculativeState:
-    """One sequence's speculative decoding state between steps."""
+def speculative_step(target: Decoder, drafter: DFlashDrafter, cache: KVCache, draft_cache: KVCache,
+                     anchors: list[int], pending: list[torch.Tensor], params: list[SamplingParams],
+                     generators: list[torch.Generator | None]) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """One draft + verify + accept step for rows 0..b-1 (each may have its own length and sampling params).
 
-    anchor: int                    # last target-sampled token, not yet in the target cache
-    pending: torch.Tensor          # [1, n, K*H] features of committed tokens not yet in the draft cache
+    pending[row] holds target features [1, n, K*H] of the row's tokens committed since its last step. Returns the
+    tokens each row commits (accepted drafts + the target's bonus token, whose last element is the next anchor)
+    and the new pending features.
+    """
+    b = len(anchors)
+    for row in range(b):
+        append_context(drafter, draft_cache, row, pending[row])
+    device = target.embed_tokens.weight.device
+    anchor_ids = torch.tensor(anchors, device=device)
+    drafts = draft_block(drafter, target, draft_cache, anchor_ids)                  # [b, B-1]
+    starts = cache.lengths[:b].clone()
+    hidden, captured = target(torch.cat([anchor_ids.view(b, 1), drafts], dim=1), cache,
+                              drafter.config.target_layer_ids)
+    logits = target.logits(hidden)
+    features = features_of(captured)
+    committed, new_pending = [], []
+    for row in range(b):
+        if params[row].greedy:
+            accepted, bonus = accept_greedy(drafts[row:row + 1], logits[row:row + 1])
+        else:
+            accepted, bonus = accept_sampling(drafts[row:row + 1], logits[row:row + 1], params[row], generators[row])
+        a = int(accepted[0])
+        cache.crop(row, int(starts[row]) + a + 1)                    # keep the anchor and a accepted drafts
+        new_pending.append(features[row:row + 1, :a + 1])
+        committed.append(drafts[row, :a].tolist() + [int(bonus[0])])
+    return committed, new_pending
 
 
 @torch.inference_mode()
@@ -121,45 +141,28 @@ def generate_speculative(target: Decoder, drafter: DFlashDrafter, prompt_ids: li
         return
     generator = make_generator(params.seed, target.embed_tokens.weight.device)
     stop = set() if params.ignore_eos else set(stop_ids)
-    capture = drafter.config.target_layer_ids
     draft_cache = new_draft_cache(drafter, 1, cache.max_len)
     stats.prompt_tokens = len(prompt_ids)
 
     t0 = time.perf_counter()
-    logits, captured = prefill(target, cache, prompt_ids, capture_layers=capture)
-    anchor = int(sample(logits, params, generator))
-    pending = features_of(captured)
+    logits, captured = prefill(target, cache, prompt_ids, capture_layers=drafter.config.target_layer_ids)
+    new_tokens = [int(sample(logits, params, generator))]
+    pending = [features_of(captured)]
     stats.prefill_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    new_tokens = [anchor]
-    device = target.embed_tokens.weight.device
     while True:
         # Emit what is committed, stopping at EOS or the token limit.
         for i, tok in enumerate(new_tokens):
-            if tok in stop or stats.new_tokens + 1 >= max_new:
-                stats.new_tokens += 1
+            stats.new_tokens += 1
+            if tok in stop or stats.new_tokens >= max_new:
                 stats.finish_reason = "stop" if tok in stop else "length"
                 stats.decode_seconds = time.perf_counter() - t0
                 yield new_tokens[:i + 1]
                 return
-            stats.new_tokens += 1
         stats.decode_seconds = time.perf_counter() - t0
         yield new_tokens
-
-        append_context(drafter, draft_cache, 0, pending)
-        anchors = torch.tensor([anchor], device=device)
-        drafts = draft_block(drafter, target, draft_cache, anchors)                 # [1, B-1]
-        start = int(cache.lengths[0])
-        hidden, captured = target(torch.cat([anchors.view(1, 1), drafts], dim=1), cache, capture)
-        logits = target.logits(hidden)
-        if params.greedy:
-            accepted, bonus = accept_greedy(drafts, logits)
-        else:
-            accepted, bonus = accept_sampling(drafts, logits, params, generator)
-        a = int(accepted[0])
-        cache.crop(0, start + a + 1)                      # keep anchor + a drafts
-        pending = features_of(captured)[:, :a + 1]
-        new_tokens = drafts[0, :a].tolist() + [int(bonus[0])]
-        anchor = new_tokens[-1]
+        committed, pending = speculative_step(target, drafter, cache, draft_cache, [new_tokens[-1]], pending,
+                                              [params], [generator])
+        new_tokens = committed[0]
         stats.target_forwards += 1
-        stats.accepted_lengths.append(a + 1)
+        stats.accepted_lengths.append(len(new_tokens))
