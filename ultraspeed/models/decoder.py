@@ -210,9 +210,7 @@ class Decoder(nn.Module):
 
     def kv_layout(self) -> list[tuple[int, int, int]]:
         """(kv_heads, key_dim, value_dim) per layer, to allocate a KVCache."""
-        return [layer.self_attn.kv_shape() if hasattr(layer.self_attn, "kv_shape") else
-                (self.config.num_kv_heads, self.config.head_dim, self.config.v_head_dim or self.config.head_dim)
-                for layer in self.layers]
+        return [layer.self_attn.kv_shape() for layer in self.layers]
 
     def new_cache(self, max_batch: int = 1, max_len: int | None = None) -> KVCache:
         max_len = min(max_len or self.config.max_position, self.config.max_position)
