@@ -7,6 +7,10 @@ Two sources:
 
 Checkpoint names are first brought to Hugging Face names, then `decoder_state` *pulls* each parameter our
 Decoder expects from them (fusing q/k/v, gate/up and per-expert tensors), so a missing tensor is named exactly.
+
+MXFP4 (gpt-oss layout): a pair `X_blocks` uint8 [..., N, K//32, 16] + `X_scales` uint8 [..., N, K//32] stands for
+the weight X. By default the module owning X becomes a packed MXFP4 module (ultraspeed/quant/apply.py) whose
+buffers carry exactly those names; `dequantize=True` decodes X to a dense tensor instead.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import torch
 from ultraspeed.config import ModelConfig, config_from_gguf, config_from_hf
 from ultraspeed.errors import UltraSpeedError
 from ultraspeed.models.decoder import Decoder
+from ultraspeed.quant.apply import packed_placeholders
+from ultraspeed.quant.mxfp4 import E8M0_NAN, dequantize_mxfp4
 from ultraspeed.tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_hf_dir
 
 DEFAULT_MODEL = "default"
@@ -56,7 +62,9 @@ def resolve_model_path(model: str | Path | None) -> Path:
     return path
 
 
-def load_model(model: str | Path | None = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(model: str | Path | None = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
+               dequantize: bool = False) -> LoadedModel:
+    """`dequantize`: decode packed MXFP4 weights to dense `dtype` tensors instead of keeping them packed."""
     path = resolve_model_path(model)
     if path.is_file() and path.suffix == ".gguf":
         meta, tensors = read_gguf_cached(path)
@@ -73,21 +81,52 @@ def load_model(model: str | Path | None = DEFAULT_MODEL, dtype: torch.dtype = to
         tokenizer = tokenizer_from_hf_dir(path, config.eos_token_ids)
     else:
         raise UltraSpeedError(f"{path}: expected a Hugging Face model directory or a .gguf file")
-    model_ = build_decoder(config, tensors, dtype)
+    model_ = build_decoder(config, tensors, dtype, dequantize)
     return LoadedModel(config, model_, tokenizer, str(path))
 
 
-def build_decoder(config: ModelConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> Decoder:
+def build_decoder(config: ModelConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
+                  dequantize: bool = False) -> Decoder:
     with torch.device("meta"):
         model = Decoder(config, dtype)
+    tensors = use_mxfp4(model, tensors, dtype, dequantize)
     state = decoder_state(model, tensors)
     model.load_state_dict({k: v.to(dtype) if v.is_floating_point() and "correction_bias" not in k else v
                            for k, v in state.items()}, strict=True, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    model.rope_tables = model._build_rope_tables()
     model.requires_grad_(False)
     return model.eval()
+
+
+def use_mxfp4(model: Decoder, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
+              dequantize: bool) -> dict[str, torch.Tensor]:
+    """Validate the packed MXFP4 pairs of a checkpoint; then either decode each to its dense weight, or swap
+    packed modules into `model` so decoder_state pulls the pairs as their buffers."""
+    packed = sorted(k.removesuffix("_blocks") for k in tensors if k.endswith("_blocks"))
+    if not packed:
+        return tensors
+    for name in packed:
+        blocks, scales = tensors[f"{name}_blocks"], tensors.get(f"{name}_scales")
+        if scales is None:
+            raise UltraSpeedError(f"checkpoint has {name}_blocks but no {name}_scales; it is incomplete")
+        if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
+            raise UltraSpeedError(f"MXFP4 tensors {name}_blocks/_scales must be uint8, got {blocks.dtype} and "
+                                  f"{scales.dtype}; the checkpoint is corrupt")
+        if blocks.ndim < 2 or blocks.shape[-1] != 16 or blocks.shape[:-1] != scales.shape:
+            raise UltraSpeedError(f"MXFP4 tensors {name}: blocks {tuple(blocks.shape)} and scales "
+                                  f"{tuple(scales.shape)} do not form [..., N, K/32, 16] + [..., N, K/32]; "
+                                  "the checkpoint is corrupt")
+        if bool((scales == E8M0_NAN).any()):
+            raise UltraSpeedError(f"MXFP4 scales {name}_scales hold the NaN byte 0xFF; the checkpoint is corrupt")
+    if dequantize:
+        dense = {k: v for k, v in tensors.items()
+                 if k.removesuffix("_blocks").removesuffix("_scales") not in packed}
+        dense.update({name: dequantize_mxfp4(tensors[f"{name}_blocks"], tensors[f"{name}_scales"], dtype)
+                      for name in packed})
+        return dense
+    packed_placeholders(model, {_normalize_hf_name(name) for name in packed})
+    return tensors
 
 
 # -- safetensors ----------------------------------------------------------------------------------------------

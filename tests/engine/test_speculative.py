@@ -144,3 +144,17 @@ def test_batched_rows_with_different_lengths_identical(target):
                 anchors[row] = toks[-1]
     for prompt, out in zip(prompts, outputs):
         assert out[:25] == plain_tokens(target, prompt, params)
+
+
+def test_draft_vocabulary_subset_stays_lossless(target):
+    from ultraspeed.train.drafter import draft_labels
+    d = DFlashDrafter(DFlashConfig.for_target(target.config, num_layers=1, num_features=2, block_size=4,
+                                              draft_vocab_size=16))
+    init_random(d, 3)
+    d.draft_vocab = torch.arange(0, 128, 8)                  # every 8th token id
+    d.requires_grad_(False)
+    assert draft_labels(d, torch.tensor([0, 8, 9, 120])).tolist() == [0, 1, -1, 15]
+    prompt = [1, 2, 3, 4, 5]
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    got = sum(speculative.generate_speculative(target, d, prompt, params), [])
+    assert got == plain_tokens(target, prompt, params)

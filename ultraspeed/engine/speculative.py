@@ -57,7 +57,7 @@ def draft_block(drafter: DFlashDrafter, target: Decoder, draft_cache: KVCache, a
                       key_pos, key_block.expand(b, -1), drafter.config.window, drafter.config.causal_in_block)
     context = [(k[:b, :, :span], v[:b, :, :span]) for k, v in zip(draft_cache.keys, draft_cache.values)]
     hidden = drafter(embeds, positions, context, mask.unsqueeze(1))
-    return target.logits(hidden[:, 1:]).argmax(-1)
+    return drafter.to_token_ids(drafter.draft_logits(hidden[:, 1:], target.lm_head.weight).argmax(-1))
 
 
 def accept_greedy(drafts: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

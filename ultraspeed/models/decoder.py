@@ -148,7 +148,8 @@ class Decoder(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype=dtype)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.rope_tables = self._build_rope_tables()
+        with torch.device("cpu"):   # real tables even when the module is built on the meta device for loading
+            self.rope_tables = self._build_rope_tables()
 
     # -- per-step context -------------------------------------------------------------------------------------
 

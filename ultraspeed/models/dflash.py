@@ -50,6 +50,7 @@ class DFlashConfig:
     rope_theta: float = 10000.0
     max_position: int = 8192
     loss_decay_gamma: float = 7.0            # training: slot k weighted exp(-(k-1)/gamma)
+    draft_vocab_size: int = 0                # >0: draft only among the most frequent tokens (0 = full vocab)
     target_arch: str = ""                    # recorded for humans; checked loosely on load
     extra: dict = field(default_factory=dict)
 
@@ -144,6 +145,12 @@ class DFlashDrafter(nn.Module):
         self.mask_embedding = nn.Parameter(torch.zeros(c.hidden_size))
         self.layers = nn.ModuleList(DraftLayer(c) for _ in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_eps)
+        # Drafting over a frequency-ranked sub-vocabulary makes the LM head, by far the largest matmul of a
+        # small drafter, several times cheaper; verification still uses the full vocabulary, so it stays lossless.
+        if c.draft_vocab_size:
+            self.register_buffer("draft_vocab", torch.arange(c.draft_vocab_size))
+        else:
+            self.draft_vocab = None
         cos, sin = rope_table(RopeConfig(theta=c.rope_theta), c.head_dim, c.max_position)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -151,6 +158,15 @@ class DFlashDrafter(nn.Module):
     def rope_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [b, N] -> cos, sin [b, 1, N, D]"""
         return self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+
+    def draft_logits(self, hidden: torch.Tensor, lm_head_weight: torch.Tensor) -> torch.Tensor:
+        """Logits over the draft vocabulary (full vocabulary if none was chosen)."""
+        if self.draft_vocab is None:
+            return F.linear(hidden, lm_head_weight)
+        return F.linear(hidden, lm_head_weight[self.draft_vocab])
+
+    def to_token_ids(self, draft_indices: torch.Tensor) -> torch.Tensor:
+        return draft_indices if self.draft_vocab is None else self.draft_vocab[draft_indices]
 
     def context_states(self, features: torch.Tensor) -> torch.Tensor:
         """Concatenated target features [b, N, K*H] -> H_ctx [b, N, H]."""

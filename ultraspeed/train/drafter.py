@@ -68,15 +68,35 @@ def block_loss(drafter: DFlashDrafter, target: Decoder, tokens: torch.Tensor, fe
     embeds = drafter.block_embeddings(anchor_embeds)
     hidden = drafter(embeds, positions, context, mask.view(1, 1, n * B, -1))
     hidden = hidden.view(n, B, -1)[:, 1:]                              # slot 0 is the known anchor
-    logits = F.linear(hidden, target.lm_head.weight)                   # frozen head, grads flow to hidden
-    labels = tokens[positions.view(n, B)[:, 1:]]
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="none")
-    weights = torch.exp(-(slot[1:].float() - 1) / c.loss_decay_gamma).repeat(n)
-    loss = (ce * weights).sum() / weights.sum()
+    logits = drafter.draft_logits(hidden, target.lm_head.weight)       # frozen head, grads flow to hidden
+    labels = draft_labels(drafter, tokens[positions.view(n, B)[:, 1:]])
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1).clamp(min=0),
+                         reduction="none")
+    in_vocab = (labels.reshape(-1) >= 0).float()                      # a label outside the draft vocab: no loss
+    weights = torch.exp(-(slot[1:].float() - 1) / c.loss_decay_gamma).repeat(n) * in_vocab
+    loss = (ce * weights).sum() / weights.sum().clamp(min=1e-6)
     with torch.no_grad():
         correct = (logits.argmax(-1) == labels).int()
         accepted = correct.cumprod(dim=1).sum(dim=1).float() + 1      # tokens per step if drafted like this
     return loss, {"acc1": correct[:, 0].float().mean().item(), "tau": accepted.mean().item()}
+
+
+def draft_labels(drafter: DFlashDrafter, token_ids: torch.Tensor) -> torch.Tensor:
+    """Token ids -> indices into the draft vocabulary (-1 where a token is outside it)."""
+    if drafter.draft_vocab is None:
+        return token_ids
+    index = torch.full((drafter.config.vocab_size,), -1, dtype=torch.long)
+    index[drafter.draft_vocab] = torch.arange(len(drafter.draft_vocab))
+    return index[token_ids]
+
+
+def frequent_tokens(sequences: list[list[int]], count: int, always: tuple[int, ...] = ()) -> torch.Tensor:
+    """The `count` most frequent token ids in the data (plus `always`, e.g. stop tokens), for a draft vocab."""
+    counts = torch.bincount(torch.tensor([t for s in sequences for t in s]))
+    for t in always:
+        if t < len(counts):
+            counts[t] = counts.max() + 1
+    return counts.argsort(descending=True)[:count].sort().values
 
 
 def make_optimizers(drafter: DFlashDrafter, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
