@@ -8,8 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from ultraspeed.errors import UltraSpeedError
+
+if TYPE_CHECKING:
+    from ultraspeed.loader import LoadedModel
+    from ultraspeed.parallel import DistEnv
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -20,18 +25,44 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible outputs)")
 
 
+def add_parallel_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks: attention heads and dense MLPs split "
+                   "over them (launch with torchrun; docs/parallelism.md)")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks: MoE experts split over them "
+                   "(launch with torchrun; same size as --tp when both are given)")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
+    from ultraspeed.loader import load_model
+    from ultraspeed.parallel import ParallelPlan, shard_for_this_rank, shutdown
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    ParallelPlan(args.tp, args.ep)             # refuse impossible flags before the (long) load
+    loaded = load_model(args.model)
+    # Under torchrun every rank runs the same loop in lockstep; rank 0 alone writes the stream and the stats.
+    env = shard_for_this_rank(loaded.model, args.tp, args.ep)
+    try:
+        return _generate(args, loaded, env)
+    finally:
+        shutdown(env)
+
+
+def _generate(args: argparse.Namespace, loaded: LoadedModel, env: DistEnv | None) -> int:
     from ultraspeed.engine.generate import GenerationStats, generate_plain
     from ultraspeed.engine.sampler import SamplingParams
     from ultraspeed.drafters import drafter_for
     from ultraspeed.engine.text_stream import TextStream
-    from ultraspeed.loader import load_model
+    from ultraspeed.parallel import shared_seed
 
-    torch.set_num_threads(args.threads) if args.threads else None
+    seed = args.seed if env is None else shared_seed(args.seed, env)   # ranks must draw the same samples
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            max_tokens=args.max_tokens, seed=args.seed, stop=tuple(args.stop or ()))
-    loaded = load_model(args.model)
+                            max_tokens=args.max_tokens, seed=seed, stop=tuple(args.stop or ()))
+    out = sys.stdout if env is None or env.is_main else None
+    weights = "checkpoint"
+    if env is None:                      # sharded models keep their checkpoint precision
+        from ultraspeed.quant.int8 import apply_weight_format
+        weights = apply_weight_format(loaded.model, args.weights)
     tok = loaded.tokenizer
     prompt_ids = tok.encode(args.prompt) if args.raw else tok.encode_chat([{"role": "user", "content": args.prompt}])
     stats = GenerationStats()
@@ -41,6 +72,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from ultraspeed.engine.speculative import generate_speculative
         from ultraspeed.models.dflash import load_drafter
         drafter = load_drafter(drafter_path)
+        if weights == "int8":
+            apply_weight_format(drafter, "int8")
+        if env is not None:
+            drafter.to(env.device)     # replicated: every rank drafts the same block
         if args.block_size:
             from ultraspeed.bench.acceptance import with_block_size
             drafter = with_block_size(drafter, args.block_size)
@@ -48,15 +83,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         tokens = generate_plain(loaded.model, prompt_ids, params, tok.stop_token_ids, stats=stats)
     for new_ids in tokens:
-        sys.stdout.write(stream.feed(new_ids))
-        sys.stdout.flush()
+        text = stream.feed(new_ids)          # every rank feeds the stream: a stop string ends all ranks alike
+        if out is not None:
+            out.write(text)
+            out.flush()
         if stream.stopped:
             stats.finish_reason = "stop"
             break
-    sys.stdout.write(stream.flush() + "\n")
-    sys.stdout.flush()
-    record = {**stats.as_dict(), "model": loaded.source, "speculative": drafter_path is not None,
+    if out is None:
+        return 0
+    out.write(stream.flush() + "\n")
+    out.flush()
+    record = {**stats.as_dict(), "model": loaded.source, "weights": weights, "speculative": drafter_path is not None,
               "drafter": str(drafter_path) if drafter_path else None}
+    if env is not None:
+        record.update(tp=args.tp, ep=args.ep, world_size=env.world_size)
     print(json.dumps(record), file=sys.stderr)
     return 0
 
@@ -68,7 +109,7 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
     from ultraspeed.loader import load_model
     from ultraspeed.models.dflash import DFlashConfig, DFlashDrafter, init_from_target, init_random, load_drafter
     from ultraspeed.train.distill_data import DistillSpec, build_or_load
-    from ultraspeed.train.drafter import TrainConfig, train
+    from ultraspeed.train.drafter import TrainConfig, frequent_tokens, train
 
     torch.manual_seed(args.seed)
     loaded = load_model(args.model)
@@ -78,7 +119,8 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
         drafter = load_drafter(existing).requires_grad_(True)      # resume keeps the recorded config
     else:
         config = DFlashConfig.for_target(loaded.config, num_layers=args.layers, num_features=args.features,
-                                         block_size=args.block_size, window=args.window)
+                                         block_size=args.block_size, window=args.window,
+                                         draft_vocab_size=min(args.draft_vocab, loaded.config.vocab_size))
         drafter = DFlashDrafter(config)
         init_random(drafter, args.seed)
         init_from_target(drafter, loaded.model)
@@ -86,11 +128,63 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
     spec = DistillSpec(counts=counts, max_new_tokens=args.max_new_tokens,
                        target_layer_ids=drafter.config.target_layer_ids, model=str(args.model))
     data = build_or_load(loaded, spec, Path(args.data_dir), batch=args.gen_batch)
+    if drafter.draft_vocab is not None and not (out / "checkpoint.pt").exists():
+        drafter.draft_vocab = frequent_tokens(data.tokens, drafter.config.draft_vocab_size,
+                                              loaded.tokenizer.stop_token_ids)
     print(f"distill data: {len(data)} sequences, {int(data.offsets[-1])} tokens", file=sys.stderr)
     cfg = TrainConfig(steps=args.steps, seqs_per_step=args.seqs_per_step, anchors_per_seq=args.anchors,
                       seed=args.seed, checkpoint_every=args.checkpoint_every)
     train(drafter, loaded.model, data, cfg, out, log=lambda m: print(m, file=sys.stderr))
     print(f"drafter written to {out / 'drafter.safetensors'}", file=sys.stderr)
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from ultraspeed.loader import load_model
+    from ultraspeed.quant.apply import expert_weight_bytes, quantize_experts
+    from ultraspeed.quant.checkpoint import quantization_config, save_mxfp4_checkpoint
+
+    loaded = load_model(args.input, dequantize=True)    # a packed input is re-packed from its decoded weights
+    before = expert_weight_bytes(loaded.model)
+    quantize_experts(loaded.model, args.scale_rule)
+    out = save_mxfp4_checkpoint(loaded, args.output, quantization_config(args.scale_rule))
+    after = expert_weight_bytes(loaded.model)
+    print(json.dumps({"output": str(out), "format": args.format, "scale_rule": args.scale_rule,
+                      "expert_weights": before["elements"], "expert_bytes_bf16": before["bf16"],
+                      "expert_bytes_mxfp4": after["stored"], "ratio": after["stored"] / before["bf16"]}),
+          file=sys.stderr)
+    return 0
+
+
+def cmd_qat(args: argparse.Namespace) -> int:
+    import copy
+    from pathlib import Path
+
+    import torch
+    from ultraspeed.loader import load_model
+    from ultraspeed.quant.checkpoint import quantization_config, save_mxfp4_checkpoint
+    from ultraspeed.train.qat import QATConfig, export_qat, train_qat
+    from ultraspeed.train.text_corpus import corpus_texts, token_windows
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads) if args.threads else None
+    loaded = load_model(args.model, dequantize=True)
+    teacher = copy.deepcopy(loaded.model)
+    tok = loaded.tokenizer
+    texts = corpus_texts("train", args.chat_texts)
+    windows = token_windows([tok.encode(t) for domain in texts.values() for t in domain], args.seq_len,
+                            tok.token_id(tok.eos_token))
+    print(f"qat data: {len(windows)} windows of {args.seq_len} tokens "
+          f"({len(texts['chat'])} ShareGPT turns, {len(texts['code'])} HumanEval solutions)", file=sys.stderr)
+    cfg = QATConfig(steps=args.steps, lr=args.lr, seq_len=args.seq_len, seqs_per_step=args.seqs_per_step,
+                    scale_rule=args.scale_rule, checkpoint_every=args.checkpoint_every, seed=args.seed)
+    out = Path(args.out)
+    train_qat(loaded.model, teacher, windows, cfg, out, log=lambda m: print(m, file=sys.stderr))
+    export_qat(loaded.model, cfg.scale_rule)
+    save_mxfp4_checkpoint(loaded, out, quantization_config(cfg.scale_rule, qat={
+        "steps": cfg.steps, "lr": cfg.lr, "seq_len": cfg.seq_len, "seqs_per_step": cfg.seqs_per_step,
+        "loss": "KL(original || fake-quant student)", "trained": "expert weights only"}))
+    print(f"MXFP4 QAT checkpoint written to {out}", file=sys.stderr)
     return 0
 
 
@@ -144,12 +238,66 @@ def cmd_cost(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_quant(args: argparse.Namespace) -> int:
+    from ultraspeed.bench.quant import QuantBenchConfig, format_table, run_quant_bench
+    cfg = QuantBenchConfig(model=args.model, qat=args.qat, scale_rule=args.scale_rule, chat_texts=args.chat_texts,
+                           window=args.window, new_tokens=args.new_tokens, repeats=args.repeats,
+                           threads=args.threads)
+    report = run_quant_bench(cfg)
+    emit_report(report, args, format_table(report))
+    return 0
+
+
 def add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default")
     p.add_argument("--json", action="store_true", help="print the machine-readable JSON report")
     p.add_argument("--out", default=None, help="also write the JSON report to this file")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for every system (default 2)")
     p.add_argument("--repeats", type=int, default=3, help="rounds over the prompt set; medians are reported")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import torch
+    from ultraspeed.loader import load_model
+    from ultraspeed.models.dflash import load_drafter
+    from ultraspeed.server.app import ServerConfig, model_name_from_source, serve
+    from ultraspeed.server.billing import Prices
+    from ultraspeed.server.limits import LimitsConfig, load_api_keys
+    from ultraspeed.server.verifier import VerifierConfig
+    from ultraspeed.parallel import ParallelPlan, follow, lead, shard_for_this_rank, shutdown
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    limits = LimitsConfig(api_keys=load_api_keys(args.api_keys_file), max_queued_per_key=args.max_queued_per_key,
+                          session_seconds=args.session_minutes * 60, idle_seconds=args.idle_minutes * 60)
+    ParallelPlan(args.tp, args.ep)             # refuse impossible flags before the (long) load
+    loaded = load_model(args.model)
+    env = shard_for_this_rank(loaded.model, args.tp, args.ep)
+    if env is not None and not env.is_main:
+        follow(loaded.model, env)              # replay rank 0's model calls until its server stops
+        shutdown(env)
+        return 0
+    stop_followers = lead(loaded.model, env) if env is not None else None
+    drafter = load_drafter(args.drafter) if args.drafter else None
+    if drafter is not None and env is not None:
+        drafter.to(env.device)                 # the drafter runs on rank 0 only: followers need no drafts
+    config = ServerConfig(
+        model_name=args.served_model_name or model_name_from_source(loaded.source),
+        standard_max_running=args.max_concurrent, ultraspeed_max_running=args.ultraspeed_max_concurrent,
+        ultraspeed_multiplier=args.ultraspeed_price_multiplier, max_queue=args.max_queue,
+        max_len=args.max_context, max_n=args.max_n,
+        prices=Prices(args.price_input, args.price_output), limits=limits,
+        verifier=VerifierConfig(enabled=args.enable_verifier, timeout_s=args.verifier_timeout),
+        drain_seconds=args.drain_seconds)
+    print(f"ultraspeed: serving {config.model_name} and {config.model_name}-ultraspeed "
+          f"({'DFlash speculative' if drafter is not None else 'plain decoding, no --drafter'}) at "
+          f"http://{args.host}:{args.port}; API keys: {len(limits.api_keys) or 'none (open)'}", file=sys.stderr)
+    try:
+        serve(loaded.model, loaded.tokenizer, drafter, config, args.host, args.port, args.log_level)
+    finally:
+        if env is not None:
+            stop_followers()
+            shutdown(env)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,9 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-spec", action="store_true", help="plain decoding, no speculative drafter")
     g.add_argument("--drafter", default=None, help="DFlash drafter .safetensors (default model: the shipped one)")
     g.add_argument("--block-size", type=int, default=0, help="draft block length (default: the drafter's own)")
+    g.add_argument("--weights", choices=["auto", "fp32", "int8"], default="auto",
+                   help="dense weight format: auto = int8 on a CPU with the compiled kernel (default)")
     g.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    add_parallel_flags(g)
     add_sampling_flags(g)
     g.set_defaults(func=cmd_generate)
 
@@ -182,12 +333,45 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--features", type=int, default=5, help="target layers whose outputs feed the drafter")
     t.add_argument("--block-size", type=int, default=16)
     t.add_argument("--window", type=int, default=None, help="sliding window over context (default: full)")
+    t.add_argument("--draft-vocab", type=int, default=8192,
+                   help="draft among this many most frequent tokens of the data (0 = full vocabulary)")
     t.add_argument("--steps", type=int, default=2000)
     t.add_argument("--seqs-per-step", type=int, default=4)
     t.add_argument("--anchors", type=int, default=24, help="random anchor blocks per sequence")
     t.add_argument("--checkpoint-every", type=int, default=100)
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_train_drafter)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server: standard and ultraspeed tiers, playground at /")
+    s.add_argument("--model", default="default", help="target model (directory, .gguf or 'default')")
+    s.add_argument("--drafter", default=None, help="DFlash drafter .safetensors for the ultraspeed tier "
+                   "(without one the ultraspeed tier decodes plainly)")
+    s.add_argument("--served-model-name", default=None, help="model id of the standard tier (default: from the "
+                   "model file); the ultraspeed tier is '<name>-ultraspeed'")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-keys-file", default=None, help="one API key per line; also read from ULTRASPEED_API_KEYS "
+                   "(comma separated); with no keys the server is open")
+    s.add_argument("--max-concurrent", type=int, default=8, help="standard tier: requests decoding at once")
+    s.add_argument("--ultraspeed-max-concurrent", type=int, default=2, help="ultraspeed tier: requests at once")
+    s.add_argument("--ultraspeed-price-multiplier", type=float, default=3.0)
+    s.add_argument("--price-input", type=float, default=0.5, help="USD per million prompt tokens (standard)")
+    s.add_argument("--price-output", type=float, default=2.0, help="USD per million completion tokens (standard)")
+    s.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
+    s.add_argument("--max-context", type=int, default=2048, help="prompt + completion tokens per request")
+    s.add_argument("--max-n", type=int, default=16, help="largest n (candidates per prompt)")
+    s.add_argument("--max-queued-per-key", type=int, default=10, help="API calls in flight per key before 429")
+    s.add_argument("--session-minutes", type=float, default=30.0, help="longest connection (0 = no limit)")
+    s.add_argument("--idle-minutes", type=float, default=5.0, help="drop a stream with no tokens this long (0 = never)")
+    s.add_argument("--enable-verifier", action="store_true", help="allow best-of-N `verifier` requests; they RUN "
+                   "CLIENT-SUPPLIED PYTHON in a subprocess (time/memory limited, not sandboxed)")
+    s.add_argument("--verifier-timeout", type=float, default=5.0, help="seconds per candidate")
+    s.add_argument("--drain-seconds", type=float, default=60.0, help="on SIGTERM/SIGINT: time in-flight requests "
+                   "get to finish")
+    s.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_parallel_flags(s)
+    s.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks (machine-readable with --json)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
@@ -206,6 +390,41 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--prompts", type=int, default=4, help="held-out prompts per domain")
     ba.add_argument("--max-tokens", type=int, default=128)
     ba.set_defaults(func=cmd_bench_acceptance)
+
+    bq = bench_sub.add_parser("quant", help="MXFP4 experts: perplexity, expert bytes and decode tok/s of the "
+                              "original vs round-to-nearest vs QAT")
+    add_bench_flags(bq)
+    bq.add_argument("--qat", default=None, help="also measure this QAT checkpoint (from `ultraspeed qat`)")
+    bq.add_argument("--scale-rule", default="ceil", choices=["floor", "ceil", "even"])
+    bq.add_argument("--chat-texts", type=int, default=200, help="held-out ShareGPT turns (all 44 held-out "
+                    "HumanEval tasks are always used)")
+    bq.add_argument("--window", type=int, default=512, help="tokens per perplexity window")
+    bq.add_argument("--new-tokens", type=int, default=32, help="tokens generated per decode-speed sample")
+    bq.set_defaults(func=cmd_bench_quant)
+
+    q = sub.add_parser("quantize", help="write an MXFP4-expert checkpoint (gpt-oss blocks/scales layout)")
+    q.add_argument("input", help="a Hugging Face model directory, a .gguf file, or 'default'")
+    q.add_argument("output", help="output directory (config.json, model.safetensors, tokenizer files)")
+    q.add_argument("--format", default="mxfp4", choices=["mxfp4"])
+    q.add_argument("--scale-rule", default="ceil", choices=["floor", "ceil", "even"],
+                   help="block exponent rule (default ceil: never clips, as gpt-oss's triton path)")
+    q.set_defaults(func=cmd_quantize)
+
+    qa = sub.add_parser("qat", help="MXFP4 quantization-aware training of the expert weights (distillation "
+                        "from the original), then export an MXFP4 checkpoint")
+    qa.add_argument("--model", default="default", help="model to train (directory, .gguf or 'default')")
+    qa.add_argument("--out", default="runs/qat", help="training state (resumable) and the exported checkpoint")
+    qa.add_argument("--steps", type=int, default=100)
+    qa.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the expert weights")
+    qa.add_argument("--seq-len", type=int, default=256)
+    qa.add_argument("--seqs-per-step", type=int, default=2)
+    qa.add_argument("--chat-texts", type=int, default=1000, help="ShareGPT train turns (plus all 120 HumanEval "
+                    "train solutions)")
+    qa.add_argument("--scale-rule", default="ceil", choices=["floor", "ceil", "even"])
+    qa.add_argument("--checkpoint-every", type=int, default=25)
+    qa.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    qa.add_argument("--seed", type=int, default=0)
+    qa.set_defaults(func=cmd_qat)
 
     c = sub.add_parser("cost", help="effective cost and time per completed task, standard vs ultraspeed tier")
     c.add_argument("--output-tokens", type=int, default=2000, help="output tokens per task (default 2000)")

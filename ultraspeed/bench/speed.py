@@ -14,6 +14,7 @@ from ultraspeed.bench.peers import Runner, available_peers, hf_transformers_runn
 from ultraspeed.engine.generate import GenerationStats, generate_plain
 from ultraspeed.engine.sampler import SamplingParams
 from ultraspeed.loader import load_model, resolve_model_path
+from ultraspeed.quant.int8 import apply_weight_format
 
 BENCH_PROMPTS = (
     "Explain in detail how a hash map works and when to use one.",
@@ -76,10 +77,19 @@ def run_speed_bench(cfg: SpeedConfig) -> dict:
     report = {"bench": "speed", "machine": describe_machine(), "model": loaded.source,
               "new_tokens": cfg.new_tokens, "repeats": cfg.repeats, "greedy": True, "systems": {}}
     systems = report["systems"]
-    systems["ultraspeed_plain"] = measure(engine_runner(loaded), prompts, cfg.new_tokens, cfg.repeats, "ours plain")
+    # The checkpoint's own precision (fp32 here) first, then the same model with int8 dense weights.
+    systems["ultraspeed_plain_fp32"] = measure(engine_runner(loaded), prompts, cfg.new_tokens, cfg.repeats,
+                                               "ours plain fp32")
+    report["weights"] = apply_weight_format(loaded.model, "auto")
+    if report["weights"] == "int8":
+        systems["ultraspeed_plain"] = measure(engine_runner(loaded), prompts, cfg.new_tokens, cfg.repeats,
+                                              "ours plain int8")
+    else:
+        systems["ultraspeed_plain"] = systems["ultraspeed_plain_fp32"]
     if cfg.drafter:
         from ultraspeed.models.dflash import load_drafter
         drafter = load_drafter(cfg.drafter)
+        apply_weight_format(drafter, report["weights"] if report["weights"] == "int8" else "fp32")
         systems["ultraspeed_dflash"] = measure(engine_runner(loaded, drafter), prompts, cfg.new_tokens,
                                                cfg.repeats, "ours dflash")
     gguf_path = resolve_model_path(cfg.model)
@@ -96,7 +106,8 @@ def run_speed_bench(cfg: SpeedConfig) -> dict:
         systems[peer] = measure(runner, prompts, cfg.new_tokens, cfg.repeats, peer)
     ours = systems["ultraspeed_plain"]["tokens_per_s"]
     report["ratios"] = {f"ultraspeed_plain_vs_{name}": round(ours / s["tokens_per_s"], 3)
-                        for name, s in systems.items() if name != "ultraspeed_plain" and s.get("tokens_per_s")}
+                        for name, s in systems.items() if not name.startswith("ultraspeed_plain")
+                        and s.get("tokens_per_s")}
     return report
 
 

@@ -27,9 +27,9 @@ from ultraspeed.models.dflash import DFlashDrafter, block_mask
 
 def new_draft_cache(drafter: DFlashDrafter, max_batch: int, max_len: int) -> KVCache:
     c = drafter.config
-    device = drafter.fc.weight.device
+    ref = drafter.mask_embedding          # a parameter that is never swapped for a packed format
     return KVCache.allocate([(c.num_kv_heads, c.head_dim, c.head_dim)] * c.num_layers, max_batch, max_len,
-                            drafter.fc.weight.dtype, device)
+                            ref.dtype, ref.device)
 
 
 def append_context(drafter: DFlashDrafter, draft_cache: KVCache, row: int, features: torch.Tensor) -> None:

@@ -1,0 +1,140 @@
+"""The continuous-batching engine: batched plain and batched speculative decoding give exactly the tokens of
+single-sequence greedy decoding, requests join and leave mid-flight, cancellation frees the slot, the queue is
+bounded, and every request ends with exactly one final update."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from ultraspeed.engine.generate import generate_plain
+from ultraspeed.engine.sampler import SamplingParams
+from ultraspeed.engine.scheduler import Engine, EngineConfig, EngineRequest, GroupConfig, QueueFull
+
+GROUPS = (GroupConfig("standard", 3), GroupConfig("ultraspeed", 2, speculative=True))
+
+
+class Collector:
+    """Gathers one request's updates and signals its final one."""
+
+    def __init__(self):
+        self.tokens, self.updates, self.final, self.done = [], [], None, threading.Event()
+
+    def __call__(self, update):
+        assert not self.done.is_set(), "update after the final one"
+        self.updates.append(update)
+        self.tokens += update.token_ids
+        if update.done:
+            self.final = update
+            self.done.set()
+
+
+def prompts(n):
+    return [[(7 * i + j) % 120 + 1 for j in range(3 + i % 5)] for i in range(n)]
+
+
+def run(engine, requests, timeout=60):
+    collectors = [Collector() for _ in requests]
+    for r, c in zip(requests, collectors):
+        r.on_update = c
+    engine.submit(requests)
+    for c in collectors:
+        assert c.done.wait(timeout)
+    return collectors
+
+
+@pytest.fixture
+def engine(tiny):
+    e = Engine(tiny.model, EngineConfig(groups=GROUPS, max_len=128, max_queue=16), tiny.drafter).start()
+    yield e
+    e.stop()
+
+
+def test_batched_plain_and_speculative_match_single_sequence_greedy(tiny, engine):
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    ps = prompts(9)
+    expected = [sum(generate_plain(tiny.model, p, params), []) for p in ps]
+    requests = [EngineRequest(p, params, None, group=("standard", "ultraspeed")[i % 2]) for i, p in enumerate(ps)]
+    got = run(engine, requests)
+    for c, want in zip(got, expected):
+        assert c.tokens == want and c.final.finish_reason == "length"
+    spec = [c for c, r in zip(got, requests) if r.group == "ultraspeed"]
+    assert all(u.accepted >= 1 for c in spec for u in c.updates[1:])
+    assert engine.queue_depth() == 0 and all(v["running"] == 0 for v in engine.snapshot().values())
+
+
+def test_stop_token_and_sampled_seeds_are_reproducible(tiny, engine):
+    p = prompts(1)[0]
+    truth = sum(generate_plain(tiny.model, p, SamplingParams(max_tokens=20, ignore_eos=True)), [])
+    stop = truth[5]
+    c, = run(engine, [EngineRequest(p, SamplingParams(max_tokens=20), None, stop_ids=(stop,))])
+    assert c.tokens == truth[:truth.index(stop) + 1] and c.final.finish_reason == "stop"
+    sampled = SamplingParams(temperature=0.9, max_tokens=10, seed=11, ignore_eos=True)
+    a = run(engine, [EngineRequest(p, sampled, None, group=g) for g in ("standard", "ultraspeed")])
+    b = run(engine, [EngineRequest(p, sampled, None, group="standard")])
+    assert a[0].tokens == b[0].tokens and len(a[1].tokens) == 10
+
+
+def test_cancel_frees_the_slot_and_queue_is_bounded(tiny):
+    engine = Engine(tiny.model, EngineConfig(groups=(GroupConfig("standard", 1),), max_len=256, max_queue=2)).start()
+    try:
+        long = SamplingParams(max_tokens=200, ignore_eos=True)
+        first, second = Collector(), Collector()
+        started = threading.Event()
+
+        def on_first(u):
+            first(u)
+            started.set()
+
+        id1, = engine.submit([EngineRequest([1, 2, 3], long, on_first)])
+        assert started.wait(30)
+        engine.submit([EngineRequest([4, 5], long, second), EngineRequest([6], long, Collector())])
+        with pytest.raises(QueueFull):     # two already waiting behind the one running
+            engine.submit([EngineRequest([7], long, Collector())])
+        engine.cancel(id1)
+        assert first.done.wait(10) and first.final.finish_reason == "cancelled"
+        assert len(first.tokens) < 200
+        # The freed slot goes to the next waiting request at once.
+        deadline = time.monotonic() + 10
+        while not second.updates:
+            assert time.monotonic() < deadline, "the waiting request never started"
+            time.sleep(0.01)
+        assert engine.snapshot()["standard"] == {"waiting": 1, "running": 1}
+    finally:
+        engine.stop(drain=False)
+    assert second.final is not None and second.final.error
+
+
+def test_stop_without_drain_ends_everything_with_an_error(tiny):
+    engine = Engine(tiny.model, EngineConfig(groups=(GroupConfig("standard", 1),), max_len=256)).start()
+    collectors = [Collector() for _ in range(3)]
+    engine.submit([EngineRequest([1, 2], SamplingParams(max_tokens=200, ignore_eos=True), c) for c in collectors])
+    engine.stop(drain=False)
+    for c in collectors:
+        assert c.done.is_set() and (c.final.error or c.final.finish_reason)
+    assert any(c.final.error for c in collectors)
+
+
+def test_a_failing_forward_ends_its_requests_with_an_error_and_the_engine_keeps_serving(tiny):
+    from tests.server.conftest import ScriptedModel
+    model = ScriptedModel({"a": {"b": 1.0}, "b": {"a": 1.0}}, delay_s=0.005)
+    engine = Engine(model, EngineConfig(groups=(GroupConfig("standard", 2),), max_len=64)).start()
+    try:
+        params = SamplingParams(max_tokens=5, ignore_eos=True)
+        model.fail = True                          # the prefill fails
+        c, = run(engine, [EngineRequest([ord("a")], params, None)])
+        assert c.final.error and "injected fault" in c.final.error
+        first = Collector()
+        engine.submit([EngineRequest([ord("a")], SamplingParams(max_tokens=50, ignore_eos=True), first)])
+        deadline = time.monotonic() + 10
+        while not first.updates:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        model.fail = True                          # a decode step fails: every row of the lane gets the error
+        assert first.done.wait(10) and first.final.error
+        c, = run(engine, [EngineRequest([ord("a")], params, None)])
+        assert c.tokens == [ord(x) for x in "babab"] and c.final.finish_reason == "length"
+    finally:
+        engine.stop()

@@ -1,0 +1,465 @@
+"""Continuous batching: one background thread owns the model and serves every request through a running batch.
+
+Requests join the batch at token boundaries (their prompt is prefilled into a free cache row between two decode
+steps) and leave it the moment they finish or are cancelled (the last row is moved into the freed one, so the
+batch always occupies rows 0..b-1 and every step is one contiguous forward). Two lanes run side by side:
+
+    plain lane        one KV cache; a step is ONE target forward over all rows ([b, 1] tokens)
+    speculative lane  a target cache + a drafter cache; a step is one batched drafter forward ([b, B] block) and
+                      one batched target verify ([b, B]); acceptance, rollback and the drafter's context update
+                      are per row, so rows advance by different numbers of tokens
+
+Groups (the server's tiers) cap how many of their requests run at once; a group marked speculative uses the
+speculative lane when a drafter is loaded (else the plain lane). A speculative request whose prompt leaves no
+room for a verify block near the end of the context runs in the plain lane instead (rows there are sized for it).
+
+Thread safety: `submit`, `cancel`, `stop` and the read-only `snapshot` may be called from any thread; they touch
+only a lock-protected counter and a `queue.SimpleQueue` of commands. Everything else belongs to the engine thread.
+Every accepted request receives exactly one final `Update` (finish_reason or error) through its callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ultraspeed.engine.generate import GenerationStats
+from ultraspeed.engine.kv_cache import KVCache
+from ultraspeed.engine.sampler import SamplingParams, make_generator, sample
+from ultraspeed.engine.speculative import (accept_greedy, accept_sampling, append_context, draft_block,
+                                           features_of, new_draft_cache)
+from ultraspeed.errors import UltraSpeedError
+from ultraspeed.models.decoder import Decoder
+from ultraspeed.models.dflash import DFlashDrafter
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(UltraSpeedError):
+    """The engine's waiting queue is at its bound: try again later."""
+
+
+class EngineStopped(UltraSpeedError):
+    """The engine is shutting down and accepts no new requests."""
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    name: str
+    max_running: int = 8            # sequences of this group decoding at once; the rest wait in the queue
+    speculative: bool = False       # decode with the drafter when one is loaded
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    groups: tuple[GroupConfig, ...] = (GroupConfig("standard", 8), GroupConfig("ultraspeed", 2, speculative=True))
+    max_len: int = 2048             # cache positions per row (prompt + completion); capped by the model context
+    max_queue: int = 64             # waiting requests (all groups); submit() beyond it raises QueueFull
+    prefill_chunk: int = 512        # prompt tokens per prefill forward (bounds activation memory)
+
+
+@dataclass
+class Update:
+    """What the engine tells a request's callback: newly committed tokens, and at the end why it ended."""
+
+    token_ids: list[int] = field(default_factory=list)
+    accepted: int = 0                   # tokens the decode forward that produced these committed (0: prefill)
+    finish_reason: str | None = None    # "stop" | "length" | "cancelled" on the final update
+    error: str | None = None            # set on the final update instead when the request failed
+    stats: GenerationStats | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+
+@dataclass(eq=False)
+class EngineRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+    on_update: Callable[[Update], None]     # called on the engine thread: must be quick and must not block
+    group: str = "standard"
+    stop_ids: tuple[int, ...] = ()
+    id: int = -1                            # assigned by submit()
+
+
+@dataclass(eq=False)      # identity, not field equality: sequences are found in lists by `is`
+class _Sequence:
+    request: EngineRequest
+    generator: torch.Generator
+    max_new: int
+    stats: GenerationStats
+    stop: frozenset[int]
+    last: int = -1                          # last committed token: not yet in the target cache
+    pending: torch.Tensor | None = None     # speculative: features of committed tokens not yet in the draft cache
+    started: float = 0.0
+
+
+def _prefill_row(model: Decoder, cache: KVCache, row: int, prompt: list[int], chunk: int,
+                 capture: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompt into cache row `row` in chunks. Returns the last position's logits [V] and, if asked, the captured
+    features of every prompt position [1, P, K*H]."""
+    device = model.embed_tokens.weight.device
+    ids = torch.tensor([prompt], device=device)
+    cache.reset(row)
+    parts, hidden = [], None
+    for start in range(0, ids.shape[1], chunk):
+        hidden, captured = model(ids[:, start:start + chunk], cache, capture, first_row=row)
+        if capture:
+            parts.append(features_of(captured))
+    return model.logits(hidden[:, -1])[0], torch.cat(parts, dim=1) if capture else None
+
+
+class _PlainLane:
+    """Rows 0..b-1 of one cache; a decode step is one target forward over all of them."""
+
+    def __init__(self, model: Decoder, rows: int, max_len: int, chunk: int) -> None:
+        self.model, self.chunk = model, chunk
+        self.cache = model.new_cache(rows, max_len) if rows else None
+        self.rows = rows
+        self.seqs: list[_Sequence] = []
+
+    def admit(self, seq: _Sequence) -> list[int]:
+        row = len(self.seqs)
+        logits, _ = _prefill_row(self.model, self.cache, row, seq.request.prompt_ids, self.chunk)
+        self.seqs.append(seq)
+        return [int(sample(logits, seq.request.params, seq.generator))]
+
+    def step(self) -> list[list[int]]:
+        device = self.model.embed_tokens.weight.device
+        ids = torch.tensor([s.last for s in self.seqs], device=device).view(-1, 1)
+        hidden, _ = self.model(ids, self.cache)
+        logits = self.model.logits(hidden[:, -1])
+        # Each row samples with its own parameters and generator (seeded requests stay reproducible in a batch).
+        return [[int(sample(logits[i], s.request.params, s.generator))] for i, s in enumerate(self.seqs)]
+
+    def remove(self, row: int) -> None:
+        last = len(self.seqs) - 1
+        if row != last:
+            self.cache.move_row(last, row)
+            self.seqs[row] = self.seqs[last]
+        self.seqs.pop()
+        self.cache.reset(last)
+
+    def clear(self) -> None:
+        self.seqs.clear()
+        if self.cache is not None:
+            self.cache.reset()
+
+
+class _SpeculativeLane:
+    """DFlash for a batch: every step drafts a block for each row in one drafter forward, verifies all blocks in
+    one target forward, then accepts per row (greedy prefix or rejection sampling with the row's own
+    parameters) and rolls each row's cache back over its rejected drafts."""
+
+    def __init__(self, target: Decoder, drafter: DFlashDrafter, rows: int, max_len: int, chunk: int) -> None:
+        self.target, self.drafter, self.chunk, self.rows = target, drafter, chunk, rows
+        self.cache = target.new_cache(rows, max_len)
+        self.draft_cache = new_draft_cache(drafter, rows, self.cache.max_len)
+        self.capture = drafter.config.target_layer_ids
+        self.seqs: list[_Sequence] = []
+
+    @property
+    def block_size(self) -> int:
+        return self.drafter.config.block_size
+
+    def admit(self, seq: _Sequence) -> list[int]:
+        row = len(self.seqs)
+        logits, features = _prefill_row(self.target, self.cache, row, seq.request.prompt_ids, self.chunk,
+                                        self.capture)
+        self.draft_cache.reset(row)
+        seq.pending = features
+        self.seqs.append(seq)
+        return [int(sample(logits, seq.request.params, seq.generator))]
+
+    def step(self) -> list[list[int]]:
+        b = len(self.seqs)
+        device = self.target.embed_tokens.weight.device
+        for row, s in enumerate(self.seqs):
+            append_context(self.drafter, self.draft_cache, row, s.pending)
+        anchors = torch.tensor([s.last for s in self.seqs], device=device)
+        drafts = draft_block(self.drafter, self.target, self.draft_cache, anchors)          # [b, B-1]
+        starts = self.cache.lengths[:b].clone()
+        hidden, captured = self.target(torch.cat([anchors.view(b, 1), drafts], dim=1), self.cache, self.capture)
+        logits = self.target.logits(hidden)                                                   # [b, B, V]
+        features = features_of(captured)
+        out = []
+        for row, s in enumerate(self.seqs):
+            params = s.request.params
+            if params.greedy:
+                accepted, bonus = accept_greedy(drafts[row:row + 1], logits[row:row + 1])
+            else:
+                accepted, bonus = accept_sampling(drafts[row:row + 1], logits[row:row + 1], params, s.generator)
+            a = int(accepted[0])
+            self.cache.crop(row, int(starts[row]) + a + 1)          # keep the anchor and a drafts
+            s.pending = features[row:row + 1, :a + 1]
+            out.append(drafts[row, :a].tolist() + [int(bonus[0])])
+        return out
+
+    def remove(self, row: int) -> None:
+        last = len(self.seqs) - 1
+        if row != last:
+            self.cache.move_row(last, row)
+            self.draft_cache.move_row(last, row)
+            self.seqs[row] = self.seqs[last]
+        self.seqs.pop()
+        self.cache.reset(last)
+        self.draft_cache.reset(last)
+
+    def clear(self) -> None:
+        self.seqs.clear()
+        self.cache.reset()
+        self.draft_cache.reset()
+
+
+def check_drafter(model: Decoder, drafter: DFlashDrafter) -> None:
+    """A drafter trained for another target fails at the first draft; say so at startup instead."""
+    d, t = drafter.config, model.config
+    if d.hidden_size != t.hidden_size or d.vocab_size != t.vocab_size or max(d.target_layer_ids) >= t.num_layers:
+        raise UltraSpeedError(f"the drafter does not fit this model (drafter: hidden {d.hidden_size}, vocab "
+                              f"{d.vocab_size}, target layers {list(d.target_layer_ids)}; model: hidden "
+                              f"{t.hidden_size}, vocab {t.vocab_size}, {t.num_layers} layers)")
+
+
+class Engine:
+    def __init__(self, model: Decoder, config: EngineConfig, drafter: DFlashDrafter | None = None) -> None:
+        self.model, self.config, self.drafter = model, config, drafter
+        if drafter is not None:
+            check_drafter(model, drafter)
+        self.groups = {g.name: g for g in config.groups}
+        self.context_limit = min(config.max_len, model.config.max_position)
+        spec_rows = sum(g.max_running for g in config.groups if g.speculative) if drafter is not None else 0
+        # Every group may land in the plain lane (speculative requests near the context end do), so it has a row
+        # for every running slot: admission then only ever checks group capacity.
+        self._plain = _PlainLane(model, sum(g.max_running for g in config.groups), self.context_limit,
+                                 config.prefill_chunk)
+        self._spec = (_SpeculativeLane(model, drafter, spec_rows, self.context_limit, config.prefill_chunk)
+                      if spec_rows else None)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._queued = 0                     # submitted, not yet admitted nor ended (bounded by max_queue)
+        self._next_id = 0
+        self._accepting = True
+        self._waiting: deque[EngineRequest] = deque()
+        self._running: dict[int, tuple[object, _Sequence]] = {}     # request id -> (lane, sequence)
+        self._counts = {name: [0, 0] for name in self.groups}       # group -> [waiting, running]
+        self._stop_mode: str | None = None   # None | "drain" | "now"
+        self._thread: threading.Thread | None = None
+
+    @property
+    def speculative(self) -> bool:
+        return self._spec is not None
+
+    @property
+    def block_size(self) -> int:
+        return self._spec.block_size if self._spec else 1
+
+    # -- any thread ------------------------------------------------------------------------------------------
+
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="ultraspeed-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def submit(self, requests: list[EngineRequest]) -> list[int]:
+        """Queue requests atomically (all or none); returns their ids. Raises QueueFull, EngineStopped, or
+        UltraSpeedError for a request that can never run (unknown group, prompt that does not fit)."""
+        for r in requests:
+            if r.group not in self.groups:
+                raise UltraSpeedError(f"unknown group {r.group!r}")
+            if not r.prompt_ids:
+                raise UltraSpeedError("the prompt is empty")
+            if len(r.prompt_ids) >= self.context_limit:
+                raise UltraSpeedError(f"prompt of {len(r.prompt_ids)} tokens does not fit the context of "
+                                      f"{self.context_limit} tokens")
+        with self._lock:
+            if not self._accepting:
+                raise EngineStopped("the engine is shutting down")
+            if self._thread is not None and not self._thread.is_alive():
+                raise EngineStopped("the engine thread has stopped")
+            if self._queued + len(requests) > self.config.max_queue:
+                raise QueueFull(f"the queue is full ({self._queued} waiting)")
+            self._queued += len(requests)
+            for r in requests:
+                r.id = self._next_id
+                self._next_id += 1
+                self._inbox.put(("submit", r))
+        return [r.id for r in requests]
+
+    def cancel(self, request_id: int) -> None:
+        """Free the request's slot at the next token boundary; its final update says "cancelled"."""
+        self._inbox.put(("cancel", request_id))
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Refuse new requests; with drain, finish every accepted one first, else end them with an error."""
+        with self._lock:
+            self._accepting = False
+        self._inbox.put(("stop", "drain" if drain else "now"))
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive() and drain:
+                self._inbox.put(("stop", "now"))
+                self._thread.join()
+
+    def queue_depth(self) -> int:
+        return self._queued
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        """Per group: waiting and running requests (a racy but consistent-enough read for metrics)."""
+        return {name: {"waiting": c[0], "running": c[1]} for name, c in dict(self._counts).items()}
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- engine thread ---------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                idle = not (self._waiting or self._running)
+                self._handle_commands(block=idle and self._stop_mode is None)
+                if self._stop_mode == "now":
+                    self._fail_everything("the server is shutting down")
+                    return
+                if self._stop_mode == "drain" and not (self._waiting or self._running):
+                    return
+                try:
+                    self._admit_waiting()
+                    for lane in (self._plain, self._spec):
+                        if lane is not None and lane.seqs:
+                            self._step(lane)
+                except Exception as e:   # a bug in the bookkeeping: fail loudly per request, keep serving
+                    log.exception("engine step failed")
+                    self._fail_everything(f"engine error: {e}")
+
+    def _handle_commands(self, block: bool) -> None:
+        try:
+            command = self._inbox.get() if block else self._inbox.get_nowait()
+            while True:
+                kind, arg = command
+                if kind == "submit":
+                    self._waiting.append(arg)
+                    self._counts[arg.group][0] += 1
+                elif kind == "cancel":
+                    self._cancel(arg)
+                elif kind == "stop":
+                    self._stop_mode = "now" if "now" in (arg, self._stop_mode) else arg
+                command = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _cancel(self, request_id: int) -> None:
+        for r in self._waiting:
+            if r.id == request_id:
+                self._waiting.remove(r)
+                self._dequeued(r)
+                self._emit(r, Update(finish_reason="cancelled", stats=GenerationStats(len(r.prompt_ids))))
+                return
+        if request_id in self._running:
+            lane, seq = self._running[request_id]
+            self._retire(lane, seq)
+            seq.stats.finish_reason = "cancelled"
+            self._emit(seq.request, Update(finish_reason="cancelled", stats=seq.stats))
+
+    def _dequeued(self, r: EngineRequest) -> None:
+        self._counts[r.group][0] -= 1
+        with self._lock:
+            self._queued -= 1
+
+    def _admit_waiting(self) -> None:
+        # Scan in arrival order, skipping requests of a full group: one busy tier must not stall the other.
+        for r in list(self._waiting):
+            group = self.groups[r.group]
+            if self._counts[r.group][1] >= group.max_running:
+                continue
+            self._waiting.remove(r)
+            self._dequeued(r)
+            room = self.context_limit - len(r.prompt_ids)
+            use_spec = (group.speculative and self._spec is not None
+                        and r.params.max_tokens <= room - self._spec.block_size)
+            lane = self._spec if use_spec else self._plain
+            seq = _Sequence(r, make_generator(r.params.seed, self.model.embed_tokens.weight.device),
+                            min(r.params.max_tokens, room), GenerationStats(prompt_tokens=len(r.prompt_ids)),
+                            frozenset(() if r.params.ignore_eos else r.stop_ids))
+            t0 = time.perf_counter()
+            try:
+                first = lane.admit(seq)
+            except Exception as e:   # a failed prefill ends this request only
+                log.exception("prefill failed")
+                self._emit(r, Update(error=f"prefill failed: {e}", stats=seq.stats))
+                continue
+            seq.started = time.perf_counter()
+            seq.stats.prefill_seconds = seq.started - t0
+            self._running[r.id] = (lane, seq)
+            self._counts[r.group][1] += 1
+            self._commit(lane, seq, first, accepted=0)
+
+    def _step(self, lane) -> None:
+        try:
+            new_tokens = lane.step()
+        except Exception as e:   # a failed forward ends the requests in that lane, not the engine
+            log.exception("decode step failed")
+            for seq in list(lane.seqs):
+                self._running.pop(seq.request.id, None)
+                self._counts[seq.request.group][1] -= 1
+                self._emit(seq.request, Update(error=f"decode failed: {e}", stats=seq.stats))
+            lane.clear()
+            return
+        for seq, tokens in list(zip(lane.seqs, new_tokens)):
+            self._commit(lane, seq, tokens, accepted=len(tokens))
+
+    def _commit(self, lane, seq: _Sequence, tokens: list[int], accepted: int) -> None:
+        """Hand committed tokens to the request, cut at a stop token or the length limit; retire it if done."""
+        stats, out, reason = seq.stats, [], None
+        for t in tokens:
+            out.append(t)
+            stats.new_tokens += 1
+            if t in seq.stop:
+                reason = "stop"
+                break
+            if stats.new_tokens >= seq.max_new:
+                reason = "length"
+                break
+        if accepted:
+            stats.target_forwards += 1
+            stats.accepted_lengths.append(accepted)
+        stats.decode_seconds = time.perf_counter() - seq.started
+        seq.last = tokens[-1]
+        if reason is not None:
+            stats.finish_reason = reason
+            self._retire(lane, seq)
+        self._emit(seq.request, Update(out, accepted, reason, stats=stats if reason else None))
+
+    def _retire(self, lane, seq: _Sequence) -> None:
+        self._running.pop(seq.request.id, None)
+        self._counts[seq.request.group][1] -= 1
+        lane.remove(next(i for i, s in enumerate(lane.seqs) if s is seq))
+
+    def _fail_everything(self, message: str) -> None:
+        while self._waiting:
+            r = self._waiting.popleft()
+            self._dequeued(r)
+            self._emit(r, Update(error=message))
+        for _, seq in list(self._running.values()):
+            self._running.pop(seq.request.id)
+            self._counts[seq.request.group][1] -= 1
+            self._emit(seq.request, Update(error=message, stats=seq.stats))
+        for lane in (self._plain, self._spec):
+            if lane is not None:
+                lane.clear()
+
+    @staticmethod
+    def _emit(r: EngineRequest, update: Update) -> None:
+        try:
+            r.on_update(update)
+        except Exception:   # a broken consumer must not take the engine down
+            log.exception("request %d: update callback failed", r.id)

@@ -1,0 +1,61 @@
+"""int8 weight-only linears for CPU decoding (one fp32 scale per 32 weights, like llama.cpp's Q8_0).
+
+Decoding on a CPU is bound by reading weights; int8 reads 1.125 bytes per weight instead of fp32's 4, through
+the compiled kernel in kernels/cpu_gemm.py. A module swap after loading, gpt-fast style: the model code does not
+change. Near lossless (relative error ~0.4% per weight), and speculative decoding stays exact with respect to
+the model actually served, since the drafter's proposals are verified by the same swapped target.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ultraspeed.kernels import cpu_gemm
+from ultraspeed.models.layers import Linear
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, linear: Linear, keep_weight: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = cpu_gemm.pack_int8(linear.weight.detach())
+        self.bias = linear.bias
+        # The LM head's fp32 rows stay reachable for the drafter's draft-vocabulary head (shared with the
+        # embedding when the model ties them, so usually free).
+        self.weight = linear.weight if keep_weight else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = cpu_gemm.int8_linear(x.float(), self.packed).to(x.dtype)
+        return y + self.bias if self.bias is not None else y
+
+
+def use_int8_weights(model: nn.Module) -> int:
+    """Swap every dense Linear (attention, dense MLP, LM head) for Int8Linear; returns how many were swapped.
+    Does nothing (returns 0) where the compiled kernel is unavailable."""
+    if not cpu_gemm.is_available():
+        return 0
+    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if isinstance(child, Linear) and child.weight.device.type == "cpu"
+             and child.in_features % cpu_gemm.GROUP == 0]
+    for parent, name, child in swaps:
+        setattr(parent, name, Int8Linear(child, keep_weight=name == "lm_head"))
+    return len(swaps)
+
+
+WEIGHT_FORMATS = ("auto", "fp32", "int8")
+
+
+def apply_weight_format(model: nn.Module, weights: str) -> str:
+    """Serve `model` with dense weights as `weights` says; returns the format in effect.
+    "auto": int8 on a CPU where the compiled kernel builds, else the checkpoint's own precision."""
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"--weights must be one of {', '.join(WEIGHT_FORMATS)}")
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if weights == "fp32" or (weights == "auto" and not on_cpu):
+        return "checkpoint"
+    if use_int8_weights(model):
+        return "int8"
+    if weights == "int8":
+        raise ValueError("--weights int8 needs the compiled CPU kernel (a C++ compiler) and a CPU model")
+    return "checkpoint"

@@ -1,0 +1,81 @@
+"""Access and fairness limits of the trial: API keys, requests in flight per key, connection time limits.
+
+- API keys come from a file (one per line, `#` comments) and/or ULTRASPEED_API_KEYS (comma separated). With no
+  keys configured the server is open and the per-key quota does not apply (a local server needs neither).
+- A key may have `max_queued_per_key` API calls in flight (queued or running; a call with n candidates counts
+  once); the next one gets 429 with Retry-After.
+- A connection lasts at most `session_seconds` (its request is cancelled and the stream ends with an error event),
+  and a streaming connection that received no token for `idle_seconds` (stuck in the queue, or a stalled engine)
+  is closed the same way. Zero disables either limit.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from ultraspeed.errors import UltraSpeedError
+
+API_KEYS_ENV = "ULTRASPEED_API_KEYS"
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    api_keys: frozenset[str] = frozenset()   # empty: no authentication
+    max_queued_per_key: int = 10
+    session_seconds: float = 30 * 60
+    idle_seconds: float = 5 * 60
+    retry_after_seconds: int = 2             # what a 429/503 tells the client to wait
+
+    @property
+    def auth_required(self) -> bool:
+        return bool(self.api_keys)
+
+
+def load_api_keys(path: str | Path | None = None, environ: Mapping[str, str] = os.environ) -> frozenset[str]:
+    keys = {k.strip() for k in environ.get(API_KEYS_ENV, "").split(",") if k.strip()}
+    if path is not None:
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError as e:
+            raise UltraSpeedError(f"cannot read API keys file {path}: {e.strerror}") from e
+        keys |= {line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")}
+    return frozenset(keys)
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The key of an `Authorization: Bearer <key>` header, else None."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+class KeyQuota:
+    """API calls in flight per key. Used from the event loop only, so no lock."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._in_flight: Counter[str] = Counter()
+
+    def try_acquire(self, key: str | None) -> bool:
+        if key is None:            # open server: no per-key quota
+            return True
+        if self._in_flight[key] >= self.limit:
+            return False
+        self._in_flight[key] += 1
+        return True
+
+    def release(self, key: str | None) -> None:
+        if key is not None:
+            self._in_flight[key] -= 1
+            if self._in_flight[key] <= 0:
+                del self._in_flight[key]
+
+    def in_flight(self, key: str) -> int:
+        return self._in_flight[key]
