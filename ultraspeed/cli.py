@@ -258,8 +258,10 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import torch
+    from ultraspeed.drafters import drafter_for
     from ultraspeed.loader import load_model
     from ultraspeed.models.dflash import load_drafter
+    from ultraspeed.quant.int8 import apply_weight_format
     from ultraspeed.server.app import ServerConfig, model_name_from_source, serve
     from ultraspeed.server.billing import Prices
     from ultraspeed.server.limits import LimitsConfig, load_api_keys
@@ -277,7 +279,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         shutdown(env)
         return 0
     stop_followers = lead(loaded.model, env) if env is not None else None
-    drafter = load_drafter(args.drafter) if args.drafter else None
+    drafter_path = None if args.no_spec else drafter_for(args.model, args.drafter)
+    drafter = load_drafter(drafter_path) if drafter_path else None
+    if env is None:                            # sharded models keep their checkpoint precision
+        weights = apply_weight_format(loaded.model, args.weights)
+        if drafter is not None and weights == "int8":
+            apply_weight_format(drafter, "int8")
     if drafter is not None and env is not None:
         drafter.to(env.device)                 # the drafter runs on rank 0 only: followers need no drafts
     config = ServerConfig(
@@ -345,7 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server: standard and ultraspeed tiers, playground at /")
     s.add_argument("--model", default="default", help="target model (directory, .gguf or 'default')")
     s.add_argument("--drafter", default=None, help="DFlash drafter .safetensors for the ultraspeed tier "
-                   "(without one the ultraspeed tier decodes plainly)")
+                   "(default model: the shipped one; without any, the ultraspeed tier decodes plainly)")
+    s.add_argument("--no-spec", action="store_true", help="ultraspeed tier without a drafter (plain decoding)")
+    s.add_argument("--weights", choices=["auto", "fp32", "int8"], default="auto",
+                   help="dense weight format: auto = int8 on a CPU with the compiled kernel (default)")
     s.add_argument("--served-model-name", default=None, help="model id of the standard tier (default: from the "
                    "model file); the ultraspeed tier is '<name>-ultraspeed'")
     s.add_argument("--host", default="127.0.0.1")
