@@ -223,6 +223,20 @@ def cmd_bench_acceptance(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+    from ultraspeed.bench.report import ReportConfig, failed_systems, quick, run_report
+    cfg = ReportConfig(model=args.model, drafter=args.drafter, systems=tuple(args.systems),
+                       domains=tuple(args.domains), prompts_per_domain=args.prompts, new_tokens=args.new_tokens,
+                       repeats=args.repeats, block_sizes=tuple(args.block_sizes), threads=args.threads)
+    report = run_report(quick(cfg) if args.quick else cfg, Path(args.out_dir))
+    print(json.dumps(report, indent=2) if args.json else (Path(args.out_dir) / "report.md").read_text())
+    failed = failed_systems(report)
+    if failed:
+        print(f"ultraspeed: bench report: failed systems: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def cmd_cost(args: argparse.Namespace) -> int:
     from ultraspeed.bench.cost import Task, Tier, compare, format_report, speeds_from_bench
     speeds = {"standard": args.standard_speed, "ultraspeed": args.ultraspeed_speed}
@@ -400,6 +414,22 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--prompts", type=int, default=4, help="held-out prompts per domain")
     ba.add_argument("--max-tokens", type=int, default=128)
     ba.set_defaults(func=cmd_bench_acceptance)
+    from ultraspeed.bench.report import DOMAINS as REPORT_DOMAINS, SYSTEMS as REPORT_SYSTEMS
+    br = bench_sub.add_parser("report", help="proof of speed: ours (plain, MXFP4, DFlash, both) vs HF transformers "
+                              "and llama.cpp (plain and prompt lookup) per domain; writes JSON, Markdown, charts")
+    br.add_argument("--model", default="default")
+    br.add_argument("--drafter", default=None, help="DFlash drafter (default model: the shipped one, if any)")
+    br.add_argument("--out-dir", default="docs/bench", help="where report.json, report.md and the PNGs go")
+    br.add_argument("--systems", nargs="+", default=list(REPORT_SYSTEMS), choices=REPORT_SYSTEMS)
+    br.add_argument("--domains", nargs="+", default=list(REPORT_DOMAINS), choices=REPORT_DOMAINS)
+    br.add_argument("--prompts", type=int, default=3, help="held-out prompts per domain")
+    br.add_argument("--repeats", type=int, default=3, help="rounds over the prompts; medians are reported")
+    br.add_argument("--new-tokens", type=int, default=128)
+    br.add_argument("--block-sizes", type=int, nargs="+", default=[4, 8, 16], help="DFlash block sizes swept")
+    br.add_argument("--threads", type=int, default=2, help="CPU threads for every system (default 2)")
+    br.add_argument("--quick", action="store_true", help="1 repeat, 1 prompt per domain, 16 new tokens")
+    br.add_argument("--json", action="store_true", help="print the JSON report instead of the Markdown")
+    br.set_defaults(func=cmd_bench_report)
 
     bq = bench_sub.add_parser("quant", help="MXFP4 experts: perplexity, expert bytes and decode tok/s of the "
                               "original vs round-to-nearest vs QAT")
