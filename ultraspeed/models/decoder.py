@@ -33,10 +33,13 @@ class StepContext:
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]]   # layer type -> cos, sin [B, 1, T, rotary_dim]
     masks: dict[str, torch.Tensor | None]                 # layer type -> bool [B, 1, T, span], None = all
     key_start: dict[str, int]                             # layer type -> first key index worth reading
+    # Static shapes (ultraspeed/runtime/static_step.py): starts/positions live on the device, span is the cache
+    # length and KV writes always scatter, so nothing is read back to the host (CUDA-graph capturable).
+    static: bool = False
 
     @property
     def single_row(self) -> bool:
-        return self.batch == 1
+        return self.batch == 1 and not self.static
 
 
 def causal_mask(starts: torch.Tensor, num_new: int, span: int, window: int | None) -> torch.Tensor:
