@@ -19,6 +19,7 @@ from ultraspeed.engine.generate import GenerationStats, generate_plain
 from ultraspeed.engine.sampler import SamplingParams
 from ultraspeed.engine.speculative import generate_speculative
 from ultraspeed.models.dflash import DFlashDrafter
+from ultraspeed.quant.int8 import apply_weight_format
 from ultraspeed.train.prompts import DOMAINS, domain_prompts
 
 # Published greedy targets (MiMo-V2.5-Pro at block 8), which our issue asks us to reach at block 16.
@@ -32,6 +33,7 @@ class AcceptanceConfig:
     prompts_per_domain: int = 4
     max_tokens: int = 128
     threads: int = 2
+    weights: str = "auto"            # dense weight format, as `generate` serves by default
 
 
 def with_block_size(drafter: DFlashDrafter, block_size: int) -> DFlashDrafter:
@@ -53,10 +55,14 @@ def _timed(gen) -> float:
 
 def run_acceptance_bench(loaded, drafter: DFlashDrafter, cfg: AcceptanceConfig) -> dict:
     torch.set_num_threads(cfg.threads)
+    weights = apply_weight_format(loaded.model, cfg.weights)        # the engine's serving format
+    if weights == "int8":
+        apply_weight_format(drafter, "int8")
     model, tok = loaded.model, loaded.tokenizer
     params = SamplingParams(max_tokens=cfg.max_tokens)
     cache = model.new_cache(1, 2048)
     report = {"bench": "acceptance", "machine": describe_machine(), "model": loaded.source, "greedy": True,
+              "weights": weights,
               "max_tokens": cfg.max_tokens, "drafter": dataclasses.asdict(drafter.config), "results": {}}
     total = len(cfg.domains) * cfg.prompts_per_domain
     bar = tqdm(total=total * (1 + len(cfg.block_sizes)), desc="bench acceptance", unit="run")
