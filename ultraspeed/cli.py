@@ -79,7 +79,8 @@ def _generate(args: argparse.Namespace, loaded: LoadedModel, env: DistEnv | None
         if args.block_size:
             from ultraspeed.bench.acceptance import with_block_size
             drafter = with_block_size(drafter, args.block_size)
-        tokens = generate_speculative(loaded.model, drafter, prompt_ids, params, tok.stop_token_ids, stats=stats)
+        tokens = generate_speculative(loaded.model, drafter, prompt_ids, params, tok.stop_token_ids, stats=stats,
+                                      min_accepted=args.min_accepted)
     else:
         tokens = generate_plain(loaded.model, prompt_ids, params, tok.stop_token_ids, stats=stats)
     for new_ids in tokens:
@@ -333,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-spec", action="store_true", help="plain decoding, no speculative drafter")
     g.add_argument("--drafter", default=None, help="DFlash drafter .safetensors (default model: the shipped one)")
     g.add_argument("--block-size", type=int, default=0, help="draft block length (default: the drafter's own)")
+    g.add_argument("--min-accepted", type=float, default=2.0,
+                   help="after 4 speculative steps, decode plainly if fewer tokens than this are committed per "
+                        "step (verification would cost more than it saves; output unchanged). 0 = never")
     g.add_argument("--weights", choices=["auto", "fp32", "int8"], default="auto",
                    help="dense weight format: auto = int8 on a CPU with the compiled kernel (default)")
     g.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")

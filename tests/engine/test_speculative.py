@@ -158,3 +158,18 @@ def test_draft_vocabulary_subset_stays_lossless(target):
     params = SamplingParams(max_tokens=20, ignore_eos=True)
     got = sum(speculative.generate_speculative(target, d, prompt, params), [])
     assert got == plain_tokens(target, prompt, params)
+
+
+def test_fallback_to_plain_decoding_is_exact(target, monkeypatch):
+    """A drafter that is never right triggers the switch to plain decoding; the output does not change."""
+    prompt = [9, 9, 1, 2]
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    stats = GenerationStats()
+    calls = []
+    real_draft = speculative.draft_block
+    monkeypatch.setattr(speculative, "draft_block", lambda *a: calls.append(1) or real_draft(*a))
+    got = sum(speculative.generate_speculative(target, make_drafter(target, 6), prompt, params, stats=stats,
+                                               min_accepted=100.0, probe_steps=3), [])
+    assert got == plain_tokens(target, prompt, params)
+    assert len(calls) == 3                                    # no drafting after the probe steps
+    assert stats.accepted_lengths[3:] == [1] * (len(stats.accepted_lengths) - 3)

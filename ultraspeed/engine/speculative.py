@@ -126,8 +126,13 @@ def speculative_step(target: Decoder, drafter: DFlashDrafter, cache: KVCache, dr
 @torch.inference_mode()
 def generate_speculative(target: Decoder, drafter: DFlashDrafter, prompt_ids: list[int], params: SamplingParams,
                          stop_ids: tuple[int, ...] = (), cache: KVCache | None = None,
-                         stats: GenerationStats | None = None) -> Iterator[list[int]]:
-    """Same contract as generate_plain, several tokens per target forward."""
+                         stats: GenerationStats | None = None, min_accepted: float = 0.0,
+                         probe_steps: int = 4) -> Iterator[list[int]]:
+    """Same contract as generate_plain, several tokens per target forward.
+
+    If after `probe_steps` steps the drafter commits fewer than `min_accepted` tokens per step, verification
+    costs more than it saves: the rest is decoded plainly from the same state (still exact). 0 = never.
+    """
     B = drafter.config.block_size
     stats = stats if stats is not None else GenerationStats()
     cache = cache if cache is not None else target.new_cache(1, len(prompt_ids) + params.max_tokens + B)
@@ -150,6 +155,7 @@ def generate_speculative(target: Decoder, drafter: DFlashDrafter, prompt_ids: li
     pending = [features_of(captured)]
     stats.prefill_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
+    plain = False
     while True:
         # Emit what is committed, stopping at EOS or the token limit.
         for i, tok in enumerate(new_tokens):
@@ -161,8 +167,13 @@ def generate_speculative(target: Decoder, drafter: DFlashDrafter, prompt_ids: li
                 return
         stats.decode_seconds = time.perf_counter() - t0
         yield new_tokens
-        committed, pending = speculative_step(target, drafter, cache, draft_cache, [new_tokens[-1]], pending,
-                                              [params], [generator])
-        new_tokens = committed[0]
+        if plain:
+            hidden, _ = target(torch.tensor([[new_tokens[-1]]], device=cache.keys[0].device), cache)
+            new_tokens = [int(sample(target.logits(hidden[:, -1])[0], params, generator))]
+        else:
+            committed, pending = speculative_step(target, drafter, cache, draft_cache, [new_tokens[-1]], pending,
+                                                  [params], [generator])
+            new_tokens = committed[0]
         stats.target_forwards += 1
         stats.accepted_lengths.append(len(new_tokens))
+        plain = plain or (stats.target_forwards >= probe_steps and stats.mean_accepted < min_accepted)
