@@ -54,6 +54,7 @@ def _generate(args: argparse.Namespace, loaded: LoadedModel, env: DistEnv | None
     from ultraspeed.drafters import drafter_for
     from ultraspeed.engine.text_stream import TextStream
     from ultraspeed.parallel import shared_seed
+    from ultraspeed.quant.int8 import apply_weight_format, match_drafter_weights
 
     seed = args.seed if env is None else shared_seed(args.seed, env)   # ranks must draw the same samples
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -61,7 +62,6 @@ def _generate(args: argparse.Namespace, loaded: LoadedModel, env: DistEnv | None
     out = sys.stdout if env is None or env.is_main else None
     weights = "checkpoint"
     if env is None:                      # sharded models keep their checkpoint precision
-        from ultraspeed.quant.int8 import apply_weight_format
         weights = apply_weight_format(loaded.model, args.weights)
     tok = loaded.tokenizer
     prompt_ids = tok.encode(args.prompt) if args.raw else tok.encode_chat([{"role": "user", "content": args.prompt}])
@@ -72,12 +72,11 @@ def _generate(args: argparse.Namespace, loaded: LoadedModel, env: DistEnv | None
         from ultraspeed.engine.speculative import generate_speculative
         from ultraspeed.models.dflash import load_drafter
         drafter = load_drafter(drafter_path)
-        if weights == "int8":
-            apply_weight_format(drafter, "int8")
+        match_drafter_weights(drafter, weights)
         if env is not None:
             drafter.to(env.device)     # replicated: every rank drafts the same block
         if args.block_size:
-            from ultraspeed.bench.acceptance import with_block_size
+            from ultraspeed.models.dflash import with_block_size
             drafter = with_block_size(drafter, args.block_size)
         tokens = generate_speculative(loaded.model, drafter, prompt_ids, params, tok.stop_token_ids, stats=stats,
                                       min_accepted=args.min_accepted)
@@ -276,7 +275,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ultraspeed.drafters import drafter_for
     from ultraspeed.loader import load_model
     from ultraspeed.models.dflash import load_drafter
-    from ultraspeed.quant.int8 import apply_weight_format
+    from ultraspeed.quant.int8 import apply_weight_format, match_drafter_weights
     from ultraspeed.server.app import ServerConfig, model_name_from_source, serve
     from ultraspeed.server.billing import Prices
     from ultraspeed.server.limits import LimitsConfig, load_api_keys
@@ -298,8 +297,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     drafter = load_drafter(drafter_path) if drafter_path else None
     if env is None:                            # sharded models keep their checkpoint precision
         weights = apply_weight_format(loaded.model, args.weights)
-        if drafter is not None and weights == "int8":
-            apply_weight_format(drafter, "int8")
+        if drafter is not None:
+            match_drafter_weights(drafter, weights)
     if drafter is not None and env is not None:
         drafter.to(env.device)                 # the drafter runs on rank 0 only: followers need no drafts
     config = ServerConfig(

@@ -18,8 +18,8 @@ from ultraspeed.bench.machine import describe_machine, median
 from ultraspeed.engine.generate import GenerationStats, generate_plain
 from ultraspeed.engine.sampler import SamplingParams
 from ultraspeed.engine.speculative import generate_speculative
-from ultraspeed.models.dflash import DFlashDrafter
-from ultraspeed.quant.int8 import apply_weight_format
+from ultraspeed.models.dflash import DFlashDrafter, with_block_size
+from ultraspeed.quant.int8 import apply_weight_format, match_drafter_weights
 from ultraspeed.train.prompts import DOMAINS, domain_prompts
 
 # Published greedy targets (MiMo-V2.5-Pro at block 8), which our issue asks us to reach at block 16.
@@ -36,16 +36,6 @@ class AcceptanceConfig:
     weights: str = "auto"            # dense weight format, as `generate` serves by default
 
 
-def with_block_size(drafter: DFlashDrafter, block_size: int) -> DFlashDrafter:
-    """The same weights drafting a different block length (the drafter has no block-size-specific weights)."""
-    if block_size == drafter.config.block_size:
-        return drafter
-    clone = object.__new__(type(drafter))
-    clone.__dict__ = dict(drafter.__dict__)
-    clone.config = dataclasses.replace(drafter.config, block_size=block_size)
-    return clone
-
-
 def _timed(gen) -> float:
     t0 = time.perf_counter()
     for _ in gen:
@@ -56,8 +46,7 @@ def _timed(gen) -> float:
 def run_acceptance_bench(loaded, drafter: DFlashDrafter, cfg: AcceptanceConfig) -> dict:
     torch.set_num_threads(cfg.threads)
     weights = apply_weight_format(loaded.model, cfg.weights)        # the engine's serving format
-    if weights == "int8":
-        apply_weight_format(drafter, "int8")
+    match_drafter_weights(drafter, weights)
     model, tok = loaded.model, loaded.tokenizer
     params = SamplingParams(max_tokens=cfg.max_tokens)
     cache = model.new_cache(1, 2048)

@@ -240,7 +240,7 @@ def build_runners(job: SystemJob) -> tuple[dict[int, Runner], dict]:
         return {0: llama_cpp_runner(resolve_model_path(job.model), job.threads, job.context_tokens(),
                                     job.name.endswith("prompt_lookup"))}, {}
     from ultraspeed.loader import load_model
-    from ultraspeed.quant.int8 import apply_weight_format
+    from ultraspeed.quant.int8 import apply_weight_format, match_drafter_weights
     loaded = load_model(job.model)
     facts = {}
     if "mxfp4" in job.name:
@@ -252,11 +252,10 @@ def build_runners(job: SystemJob) -> tuple[dict[int, Runner], dict]:
     facts["weights"] = apply_weight_format(loaded.model, "auto")
     if "dflash" not in job.name:
         return {0: ours_runner(loaded.model, loaded.model.new_cache(1, job.context_tokens()))}, facts
-    from ultraspeed.bench.acceptance import with_block_size
+    from ultraspeed.models.dflash import with_block_size
     from ultraspeed.models.dflash import load_drafter
     drafter = load_drafter(job.drafter)
-    if facts["weights"] == "int8":
-        apply_weight_format(drafter, "int8")
+    match_drafter_weights(drafter, facts["weights"])
     facts["block_size"] = drafter.config.block_size
     cache = loaded.model.new_cache(1, job.context_tokens(drafter.config.block_size))   # one, shared by the sweep
     blocks = sorted({drafter.config.block_size, *job.block_sizes})

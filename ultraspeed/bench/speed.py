@@ -14,7 +14,7 @@ from ultraspeed.bench.peers import Runner, available_peers, hf_transformers_runn
 from ultraspeed.engine.generate import GenerationStats, generate_plain
 from ultraspeed.engine.sampler import SamplingParams
 from ultraspeed.loader import load_model, resolve_model_path
-from ultraspeed.quant.int8 import apply_weight_format
+from ultraspeed.quant.int8 import apply_weight_format, match_drafter_weights
 
 BENCH_PROMPTS = (
     "Explain in detail how a hash map works and when to use one.",
@@ -89,7 +89,7 @@ def run_speed_bench(cfg: SpeedConfig) -> dict:
     if cfg.drafter:
         from ultraspeed.models.dflash import load_drafter
         drafter = load_drafter(cfg.drafter)
-        apply_weight_format(drafter, report["weights"] if report["weights"] == "int8" else "fp32")
+        match_drafter_weights(drafter, report["weights"])
         systems["ultraspeed_dflash"] = measure(engine_runner(loaded, drafter), prompts, cfg.new_tokens,
                                                cfg.repeats, "ours dflash")
     gguf_path = resolve_model_path(cfg.model)

@@ -13,6 +13,7 @@ embedding vector owned by the drafter, so no vocabulary id has to be spare.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 
@@ -195,6 +196,16 @@ class DFlashDrafter(nn.Module):
         for layer, (ctx_k, ctx_v) in zip(self.layers, context):
             x = layer(x, cos, sin, ctx_k, ctx_v, mask)
         return self.norm(x)
+
+
+def with_block_size(drafter: DFlashDrafter, block_size: int) -> DFlashDrafter:
+    """The same weights drafting a different block length (the drafter has no block-size-specific weights)."""
+    if block_size == drafter.config.block_size:
+        return drafter
+    clone = object.__new__(type(drafter))
+    clone.__dict__ = dict(drafter.__dict__)
+    clone.config = dataclasses.replace(drafter.config, block_size=block_size)
+    return clone
 
 
 def init_from_target(drafter: DFlashDrafter, target: nn.Module) -> None:

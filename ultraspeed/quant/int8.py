@@ -59,3 +59,9 @@ def apply_weight_format(model: nn.Module, weights: str) -> str:
     if weights == "int8":
         raise ValueError("--weights int8 needs the compiled CPU kernel (a C++ compiler) and a CPU model")
     return "checkpoint"
+
+
+def match_drafter_weights(drafter: nn.Module, target_format: str) -> None:
+    """Serve a drafter in the same dense format as the target it drafts for (so drafting gets as cheap)."""
+    if target_format == "int8":
+        apply_weight_format(drafter, "int8")
