@@ -109,14 +109,24 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
     from ultraspeed.loader import load_model
     from ultraspeed.models.dflash import DFlashConfig, DFlashDrafter, init_from_target, init_random, load_drafter
     from ultraspeed.train.distill_data import DistillSpec, build_or_load
+    from ultraspeed.quant.int8 import apply_weight_format
     from ultraspeed.train.drafter import TrainConfig, frequent_tokens, train
 
     torch.manual_seed(args.seed)
     loaded = load_model(args.model)
+    # Distil from the target exactly as it will be served (int8 on a CPU by default): the drafter then learns
+    # the served model's tokens and features, not those of a precision nobody decodes with.
+    weights = apply_weight_format(loaded.model, args.weights)
     out = Path(args.out)
     existing = out / "drafter.safetensors"
     if existing.exists() and (out / "checkpoint.pt").exists():
         drafter = load_drafter(existing).requires_grad_(True)      # resume keeps the recorded config
+    elif args.init_from:
+        # Fine-tune a trained drafter (e.g. the shipped one on more data): its file's config wins over the
+        # architecture flags; the draft vocabulary is re-ranked on the new data below (the head is the target's).
+        drafter = load_drafter(args.init_from).requires_grad_(True)
+        print(f"starting from {args.init_from} (its architecture: {drafter.config.num_layers} layers, block "
+              f"{drafter.config.block_size})", file=sys.stderr)
     else:
         config = DFlashConfig.for_target(loaded.config, num_layers=args.layers, num_features=args.features,
                                          block_size=args.block_size, window=args.window,
@@ -126,7 +136,7 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
         init_from_target(drafter, loaded.model)
     counts = tuple((d, n) for d, n in zip(("code", "math", "chat", "agent"), args.prompts))
     spec = DistillSpec(counts=counts, max_new_tokens=args.max_new_tokens,
-                       target_layer_ids=drafter.config.target_layer_ids, model=str(args.model))
+                       target_layer_ids=drafter.config.target_layer_ids, model=str(args.model), weights=weights)
     data = build_or_load(loaded, spec, Path(args.data_dir), batch=args.gen_batch)
     if drafter.draft_vocab is not None and not (out / "checkpoint.pt").exists():
         drafter.draft_vocab = frequent_tokens(data.tokens, drafter.config.draft_vocab_size,
@@ -270,6 +280,26 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3, help="rounds over the prompt set; medians are reported")
 
 
+def ultraspeed_tier_model(loaded, checkpoint: str | None):
+    """The ultraspeed tier's model: `checkpoint` (an MXFP4 checkpoint from `ultraspeed quantize` or `ultraspeed qat`
+    of the same model), else a copy of the served model with its experts quantized to MXFP4 (round-to-nearest)."""
+    import copy
+    from ultraspeed.loader import load_model
+    from ultraspeed.quant.apply import MXFP4Experts, MXFP4Linear, expert_targets, quantize_experts
+    if checkpoint is None:
+        return quantize_experts(copy.deepcopy(loaded.model), "ceil")
+    fast = load_model(checkpoint).model
+    a, b = fast.config, loaded.model.config
+    if (a.vocab_size, a.hidden_size, a.num_layers) != (b.vocab_size, b.hidden_size, b.num_layers):
+        raise UltraSpeedError(f"--ultraspeed-model {checkpoint} is not a quantization of the served model (vocab, "
+                              f"hidden, layers: {a.vocab_size}, {a.hidden_size}, {a.num_layers} vs "
+                              f"{b.vocab_size}, {b.hidden_size}, {b.num_layers})")
+    if not any(isinstance(fast.get_submodule(n), (MXFP4Linear, MXFP4Experts)) for n in expert_targets(fast)):
+        raise UltraSpeedError(f"--ultraspeed-model {checkpoint} holds no MXFP4 expert weights "
+                              f"(make one with `ultraspeed quantize` or `ultraspeed qat`)")
+    return fast
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import torch
     from ultraspeed.drafters import drafter_for
@@ -284,7 +314,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads) if args.threads else None
     limits = LimitsConfig(api_keys=load_api_keys(args.api_keys_file), max_queued_per_key=args.max_queued_per_key,
-                          session_seconds=args.session_minutes * 60, idle_seconds=args.idle_minutes * 60)
+                          session_seconds=args.session_minutes * 60,
+                          request_seconds=args.request_minutes * 60, idle_seconds=args.idle_minutes * 60)
     ParallelPlan(args.tp, args.ep)             # refuse impossible flags before the (long) load
     loaded = load_model(args.model)
     env = shard_for_this_rank(loaded.model, args.tp, args.ep)
@@ -295,8 +326,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop_followers = lead(loaded.model, env) if env is not None else None
     drafter_path = None if args.no_spec else drafter_for(args.model, args.drafter)
     drafter = load_drafter(drafter_path) if drafter_path else None
+    fast = None
+    if env is None and args.ultraspeed_experts == "mxfp4":
+        fast = ultraspeed_tier_model(loaded, args.ultraspeed_model)   # before the int8 swap changes the modules
+    elif args.ultraspeed_experts == "mxfp4":
+        print("ultraspeed: with --tp/--ep the ultraspeed tier serves the original expert weights", file=sys.stderr)
     if env is None:                            # sharded models keep their checkpoint precision
         weights = apply_weight_format(loaded.model, args.weights)
+        if fast is not None:
+            apply_weight_format(fast, args.weights)
         if drafter is not None:
             match_drafter_weights(drafter, weights)
     if drafter is not None and env is not None:
@@ -309,11 +347,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         prices=Prices(args.price_input, args.price_output), limits=limits,
         verifier=VerifierConfig(enabled=args.enable_verifier, timeout_s=args.verifier_timeout),
         drain_seconds=args.drain_seconds)
-    print(f"ultraspeed: serving {config.model_name} and {config.model_name}-ultraspeed "
-          f"({'DFlash speculative' if drafter is not None else 'plain decoding, no --drafter'}) at "
+    how = ", ".join(["MXFP4 experts" if fast is not None else "original experts",
+                     "DFlash speculative" if drafter is not None else "plain decoding (no drafter)"])
+    print(f"ultraspeed: serving {config.model_name} and {config.model_name}-ultraspeed ({how}) at "
           f"http://{args.host}:{args.port}; API keys: {len(limits.api_keys) or 'none (open)'}", file=sys.stderr)
     try:
-        serve(loaded.model, loaded.tokenizer, drafter, config, args.host, args.port, args.log_level)
+        serve(loaded.model, loaded.tokenizer, drafter, config, args.host, args.port, args.log_level, fast)
     finally:
         if env is not None:
             stop_followers()
@@ -364,6 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--anchors", type=int, default=24, help="random anchor blocks per sequence")
     t.add_argument("--checkpoint-every", type=int, default=100)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--weights", choices=["auto", "fp32", "int8"], default="auto",
+                   help="target weights while distilling: serve-time format (auto = int8 on CPU)")
+    t.add_argument("--init-from", default=None, metavar="DRAFTER",
+                   help="start from this trained drafter .safetensors instead of the target's last layers")
     t.set_defaults(func=cmd_train_drafter)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server: standard and ultraspeed tiers, playground at /")
@@ -371,6 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--drafter", default=None, help="DFlash drafter .safetensors for the ultraspeed tier "
                    "(default model: the shipped one; without any, the ultraspeed tier decodes plainly)")
     s.add_argument("--no-spec", action="store_true", help="ultraspeed tier without a drafter (plain decoding)")
+    s.add_argument("--ultraspeed-experts", choices=["mxfp4", "original"], default="mxfp4",
+                   help="expert weights of the ultraspeed tier (mxfp4: its own engine and weights; for a dense "
+                        "model the MLP is the expert)")
+    s.add_argument("--ultraspeed-model", default=None, metavar="CHECKPOINT",
+                   help="MXFP4 checkpoint of the same model for the ultraspeed tier (from `ultraspeed qat` or "
+                        "`ultraspeed quantize`); default: quantize the served model's experts at startup")
     s.add_argument("--weights", choices=["auto", "fp32", "int8"], default="auto",
                    help="dense weight format: auto = int8 on a CPU with the compiled kernel (default)")
     s.add_argument("--served-model-name", default=None, help="model id of the standard tier (default: from the "
@@ -388,7 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-context", type=int, default=2048, help="prompt + completion tokens per request")
     s.add_argument("--max-n", type=int, default=16, help="largest n (candidates per prompt)")
     s.add_argument("--max-queued-per-key", type=int, default=10, help="API calls in flight per key before 429")
-    s.add_argument("--session-minutes", type=float, default=30.0, help="longest connection (0 = no limit)")
+    s.add_argument("--session-minutes", type=float, default=30.0,
+                   help="trial session per API key, from its first call; later calls get 429 (0 = no limit)")
+    s.add_argument("--request-minutes", type=float, default=30.0, help="longest single call (0 = no limit)")
     s.add_argument("--idle-minutes", type=float, default=5.0, help="drop a stream with no tokens this long (0 = never)")
     s.add_argument("--enable-verifier", action="store_true", help="allow best-of-N `verifier` requests; they RUN "
                    "CLIENT-SUPPLIED PYTHON in a subprocess (time/memory limited, not sandboxed)")

@@ -129,13 +129,13 @@ class Running:
 
 
 @contextlib.contextmanager
-def run_server(model, tokenizer: Tokenizer, drafter=None, **config):
+def run_server(model, tokenizer: Tokenizer, drafter=None, ultraspeed_model=None, **config):
     """A live server on a random free port, stopped (gracefully) on exit. `config`: ServerConfig fields."""
     import uvicorn
     from ultraspeed.server.app import ServerConfig, build_state, create_app
     config = ServerConfig(**{"model_name": "tiny", "standard_max_running": 4, "ultraspeed_max_running": 2,
                              **config})
-    state = build_state(model, tokenizer, drafter, config)
+    state = build_state(model, tokenizer, drafter, config, ultraspeed_model)
     app = create_app(state)
     sock = free_socket()
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=30))

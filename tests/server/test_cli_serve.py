@@ -49,6 +49,7 @@ def test_serve_subcommand_end_to_end(tiny, tmp_path):
         models = httpx.get(url + "/v1/models", headers=headers).json()["data"]
         assert [m["id"] for m in models] == ["tiny-chat", "tiny-chat-ultraspeed"]
         assert models[1]["speculative"] and models[1]["max_concurrent_requests"] == 1
+        assert models[0]["experts"] == "original" and models[1]["experts"] == "mxfp4"
         r = httpx.post(url + "/v1/chat/completions", headers=headers, timeout=30, json={
             "model": "tiny-chat-ultraspeed", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
         assert r.status_code == 200 and r.json()["tier"] == "ultraspeed" and r.json()["cost"] > 0
@@ -63,4 +64,4 @@ def test_serve_subcommand_end_to_end(tiny, tmp_path):
     # uvicorn shuts down gracefully, then re-raises the signal so the exit status says "terminated by SIGTERM".
     assert proc.returncode in (0, -signal.SIGTERM), output
     assert "Application shutdown complete" in output, output
-    assert "serving tiny-chat and tiny-chat-ultraspeed (DFlash speculative)" in output
+    assert "serving tiny-chat and tiny-chat-ultraspeed (MXFP4 experts, DFlash speculative)" in output

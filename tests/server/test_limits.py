@@ -1,5 +1,5 @@
 """Trial limits: API keys (401), at most 10 calls in flight per key (429 + Retry-After on the 11th, slots come
-back when calls end), the idle-stream and session time limits. A slow scripted model holds requests in flight
+back when calls end), the idle-stream and per-call time limits, and the per-key trial session. A slow scripted model holds requests in flight
 deterministically."""
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def test_eleventh_call_in_flight_gets_429_and_slots_come_back(keyed):
             for cm in streams:      # hang up: every slot is released
                 await cm.__aexit__(None, None, None)
             for _ in range(200):
-                if keyed.state.quota.in_flight("key-alice") == 0 and keyed.state.engine.queue_depth() == 0:
+                if keyed.state.quota.in_flight("key-alice") == 0 and keyed.state.queue_depth() == 0:
                     break
                 await asyncio.sleep(0.02)
             assert keyed.state.quota.in_flight("key-alice") == 0
@@ -94,9 +94,9 @@ def sse_events(response):
             for line in response.iter_lines() if line.startswith("data: ")]
 
 
-def test_idle_stream_and_session_limits(tiny):
+def test_idle_stream_and_request_limits(tiny):
     model = ScriptedModel(ENDLESS, delay_s=0.02)
-    limits = LimitsConfig(idle_seconds=0.5, session_seconds=1.5)
+    limits = LimitsConfig(idle_seconds=1.0, request_seconds=2.5)   # 230 tokens take >= 4.6 s
     with run_server(model, tiny.tokenizer, standard_max_running=1, limits=limits) as running:
         with httpx.Client(base_url=running.url, timeout=30) as http:
             with http.stream("POST", "/v1/chat/completions", json={**CHAT, "max_tokens": 230}) as busy:
@@ -105,13 +105,37 @@ def test_idle_stream_and_session_limits(tiny):
                 with http.stream("POST", "/v1/chat/completions", json=CHAT) as idle:
                     events = sse_events(idle)
                 assert events[-2]["error"]["code"] == "idle_timeout" and events[-1] == "[DONE]"
-                # The first one streams for longer than a session may last: cut with an error event.
+                # The first one streams for longer than a call may last: cut with an error event.
                 events = sse_events(busy)
-            assert events[-2]["error"]["code"] == "session_timeout"
-            assert 20 < sum(len(e["choices"][0]["delta"].get("content", "")) for e in events[:-2]) < 230
-            # A non-streaming call over the session limit is a 504 with an OpenAI-style body.
+            assert events[-2]["error"]["code"] == "request_timeout"
+            assert 0 < sum(len(e["choices"][0]["delta"].get("content", "")) for e in events[:-2]) < 230
+            # A non-streaming call over the limit is a 504 with an OpenAI-style body.
             r = http.post("/v1/chat/completions", json={**CHAT, "stream": False, "max_tokens": 230})
-            assert r.status_code == 504 and r.json()["error"]["code"] == "session_timeout"
-            assert running.state.engine.queue_depth() == 0
+            assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
+            assert running.state.queue_depth() == 0
             text = http.get("/metrics").text
             assert 'ultraspeed_requests_total{tier="standard",outcome="timeout"} 3' in text
+
+
+def test_trial_session_per_key(tiny):
+    """A key's session runs from its first call: a call still streaming when it ends is cut, later calls get
+    429 trial_session_expired (no Retry-After: waiting does not help), and another key's session is its own."""
+    model = ScriptedModel(ENDLESS, delay_s=0.02)
+    limits = LimitsConfig(api_keys=KEYS, session_seconds=1.2, request_seconds=60)
+    with run_server(model, tiny.tokenizer, limits=limits) as running:
+        with httpx.Client(base_url=running.url, timeout=30) as http:
+            with http.stream("POST", "/v1/chat/completions", json={**CHAT, "max_tokens": 230},
+                             headers=auth("key-alice")) as first:
+                assert first.status_code == 200
+                events = sse_events(first)
+            assert events[-2]["error"]["code"] == "session_timeout" and events[-1] == "[DONE]"
+            late = http.post("/v1/chat/completions", json={**CHAT, "stream": False, "max_tokens": 1},
+                             headers=auth("key-alice"))
+            assert late.status_code == 429 and "retry-after" not in late.headers
+            assert late.json()["error"]["code"] == "trial_session_expired"
+            assert late.json()["error"]["type"] == "insufficient_quota"
+            bob = http.post("/v1/chat/completions", json={**CHAT, "stream": False, "max_tokens": 1},
+                            headers=auth("key-bob"))
+            assert bob.status_code == 200
+            text = http.get("/metrics").text
+            assert 'ultraspeed_requests_total{tier="standard",outcome="session_expired"} 1' in text

@@ -70,8 +70,8 @@ def test_concurrent_streams_are_complete_separate_and_billed_right(tiny, server)
             == pytest.approx(billed[tier])
         assert metric(after, "ultraspeed_completion_tokens_total", tier) \
             - metric(before, "ultraspeed_completion_tokens_total", tier) == tokens[tier]
-    assert server.state.engine.queue_depth() == 0
-    assert all(v["running"] == 0 for v in server.state.engine.snapshot().values())
+    assert server.state.queue_depth() == 0
+    assert all(v["running"] == 0 for v in server.state.snapshot().values())
 
 
 def wait_until(condition, timeout=10.0):
@@ -83,7 +83,7 @@ def wait_until(condition, timeout=10.0):
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-ultraspeed"])
 def test_disconnect_mid_stream_frees_the_slot(server, model):
-    engine = server.state.engine
+    state = server.state
     tier = "ultraspeed" if model.endswith("ultraspeed") else "standard"
     body = {"model": model, "messages": [{"role": "user", "content": "long"}], "max_tokens": 230,
             "ignore_eos": True, "temperature": 0, "stream": True}
@@ -91,9 +91,9 @@ def test_disconnect_mid_stream_frees_the_slot(server, model):
         with http.stream("POST", "/v1/chat/completions", json=body) as r:
             lines = r.iter_lines()
             seen = [next(lines) for _ in range(6)]      # role chunk + a few tokens
-            assert engine.snapshot()[tier]["running"] == 1
+            assert state.snapshot()[tier]["running"] == 1
         assert any('"content"' in line for line in seen)
-    wait_until(lambda: engine.snapshot()[tier]["running"] == 0, timeout=5)
+    wait_until(lambda: state.snapshot()[tier]["running"] == 0, timeout=5)
     text = httpx.get(server.url + "/metrics").text
     assert re.search(rf'ultraspeed_requests_total{{tier="{tier}",outcome="cancelled"}} [1-9]', text)
     # The slot is usable at once.
@@ -114,6 +114,6 @@ def test_graceful_shutdown_drains_streams_in_flight(tiny):
                 rest = [line for line in lines if line.startswith("data: ")]
         stopper.join(30)
         assert rest[-1] == "data: [DONE]" and '"usage"' in rest[-2] and '"completion_tokens": 120' in rest[-2]
-        assert not running.thread.is_alive() and not running.state.engine.alive
+        assert not running.thread.is_alive() and not running.state.alive
         with pytest.raises(httpx.ConnectError):
             httpx.get(running.url + "/health", timeout=2)

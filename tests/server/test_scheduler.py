@@ -77,6 +77,44 @@ def test_stop_token_and_sampled_seeds_are_reproducible(tiny, engine):
     assert a[0].tokens == b[0].tokens and len(a[1].tokens) == 10
 
 
+@pytest.mark.parametrize("group", ["standard", "ultraspeed"])
+def test_candidates_of_one_prompt_share_its_prefill(tiny, engine, group):
+    """Requests admitted together with the same prompt (the n candidates of a call) copy the first one's cache
+    row instead of prefilling, and still produce exactly what each produces alone. A parent that retires at its
+    first token cannot be copied (its row is gone), so the next candidate prefills again."""
+    p = prompts(1)[0]
+    sampled = [SamplingParams(temperature=0.9, max_tokens=9, seed=s, ignore_eos=True) for s in (4, 5)]
+    first = [SamplingParams(max_tokens=1, ignore_eos=True)] if group == "standard" else []   # 2 slots there
+    params = first + sampled
+    together = run(engine, [EngineRequest(p, q, None, group=group) for q in params])
+    alone = [run(engine, [EngineRequest(p, q, None, group=group)])[0] for q in params]
+    assert [c.tokens for c in together] == [c.tokens for c in alone]
+    assert [c.final.stats.prefill_tokens for c in alone] == [len(p)] * len(params)
+    assert [c.final.stats.prefill_tokens for c in together] == [len(p)] * len(first) + [len(p), 0]
+
+
+def test_fork_copies_the_parent_prompt_rows(tiny):
+    """White-box: a forked row holds exactly the parent's prompt K/V (the tiny random model's samples barely
+    depend on context, so the token check above alone could miss a wrong row)."""
+    from ultraspeed.engine.generate import GenerationStats
+    from ultraspeed.engine.scheduler import _PlainLane, _Sequence, _SpeculativeLane
+    p = prompts(3)[2]
+
+    def seq():
+        return _Sequence(EngineRequest(p, SamplingParams(max_tokens=4), None), None, 4, GenerationStats(),
+                         frozenset())
+    for lane in (_PlainLane(tiny.model, 3, 64, 512), _SpeculativeLane(tiny.model, tiny.drafter, 3, 64, 512)):
+        lane.admit(seq())                      # row 0: another sequence, so the fork must copy from row 1
+        parent, child = seq(), seq()
+        lane.admit(parent)
+        lane.fork(child, parent)
+        assert lane.cache.lengths[:3].tolist() == [len(p)] * 3
+        for k in lane.cache.keys + lane.cache.values:
+            assert k[2, :, :len(p)].abs().sum() > 0 and k[2, :, :len(p)].equal(k[1, :, :len(p)])
+        if isinstance(lane, _SpeculativeLane):
+            assert child.pending is parent.pending and lane.draft_cache.lengths[2] == 0
+
+
 def test_cancel_frees_the_slot_and_queue_is_bounded(tiny):
     engine = Engine(tiny.model, EngineConfig(groups=(GroupConfig("standard", 1),), max_len=256, max_queue=2)).start()
     try:

@@ -23,6 +23,7 @@ class GenerationStats:
     prompt_tokens: int = 0
     new_tokens: int = 0
     target_forwards: int = 0          # decode-phase target forwards (the prefill is not counted)
+    prefill_tokens: int = 0           # prompt tokens this request ran through the target (0: it shared a prefill)
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     accepted_lengths: list[int] = field(default_factory=list)   # tokens committed per decode forward

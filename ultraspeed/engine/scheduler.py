@@ -126,11 +126,17 @@ class _PlainLane:
         self.rows = rows
         self.seqs: list[_Sequence] = []
 
-    def admit(self, seq: _Sequence) -> list[int]:
-        row = len(self.seqs)
-        logits, _ = _prefill_row(self.model, self.cache, row, seq.request.prompt_ids, self.chunk)
+    def admit(self, seq: _Sequence) -> torch.Tensor:
+        """Prefill the prompt into the next free row; returns the last position's logits."""
+        logits, _ = _prefill_row(self.model, self.cache, len(self.seqs), seq.request.prompt_ids, self.chunk)
         self.seqs.append(seq)
-        return [int(sample(logits, seq.request.params, seq.generator))]
+        return logits
+
+    def fork(self, seq: _Sequence, parent: _Sequence) -> None:
+        """Admit `seq`, whose prompt equals that of `parent` admitted in this same round: the parent's row holds
+        exactly the prompt, so copying it replaces a prefill (n candidates share one)."""
+        self.cache.move_row(self.seqs.index(parent), len(self.seqs))
+        self.seqs.append(seq)
 
     def step(self) -> list[list[int]]:
         device = self.model.embed_tokens.weight.device
@@ -170,14 +176,23 @@ class _SpeculativeLane:
     def block_size(self) -> int:
         return self.drafter.config.block_size
 
-    def admit(self, seq: _Sequence) -> list[int]:
+    def admit(self, seq: _Sequence) -> torch.Tensor:
         row = len(self.seqs)
         logits, features = _prefill_row(self.target, self.cache, row, seq.request.prompt_ids, self.chunk,
                                         self.capture)
         self.draft_cache.reset(row)
         seq.pending = features
         self.seqs.append(seq)
-        return [int(sample(logits, seq.request.params, seq.generator))]
+        return logits
+
+    def fork(self, seq: _Sequence, parent: _Sequence) -> None:
+        """As _PlainLane.fork; the parent has not stepped yet, so its prompt features are still pending (the
+        tensor is shared read-only: a step replaces `pending`, never writes into it)."""
+        row = len(self.seqs)
+        self.cache.move_row(self.seqs.index(parent), row)
+        self.draft_cache.reset(row)
+        seq.pending = parent.pending
+        self.seqs.append(seq)
 
     def step(self) -> list[list[int]]:
         b = len(self.seqs)
@@ -377,6 +392,9 @@ class Engine:
 
     def _admit_waiting(self) -> None:
         # Scan in arrival order, skipping requests of a full group: one busy tier must not stall the other.
+        # A request whose prompt equals one prefilled in this round (the n candidates of a call arrive together)
+        # copies that row instead of prefilling, and samples its first token from the same logits.
+        prefilled: list[tuple[object, _Sequence, torch.Tensor]] = []    # (lane, sequence, last-position logits)
         for r in list(self._waiting):
             group = self.groups[r.group]
             if self._counts[r.group][1] >= group.max_running:
@@ -391,8 +409,17 @@ class Engine:
                             min(r.params.max_tokens, room), GenerationStats(prompt_tokens=len(r.prompt_ids)),
                             frozenset(() if r.params.ignore_eos else r.stop_ids))
             t0 = time.perf_counter()
+            parent = next(((s, logits) for l, s, logits in prefilled if l is lane and s.request.id in self._running
+                           and s.request.prompt_ids == r.prompt_ids), None)
             try:
-                first = lane.admit(seq)
+                if parent is not None:
+                    lane.fork(seq, parent[0])
+                    logits = parent[1]
+                else:
+                    logits = lane.admit(seq)
+                    seq.stats.prefill_tokens = len(r.prompt_ids)
+                    prefilled.append((lane, seq, logits))
+                first = [int(sample(logits, r.params, seq.generator))]
             except Exception as e:   # a failed prefill ends this request only
                 log.exception("prefill failed")
                 self._emit(r, Update(error=f"prefill failed: {e}", stats=seq.stats))

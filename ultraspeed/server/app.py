@@ -13,7 +13,7 @@ Streams are Server-Sent Events: `data: {chunk}` lines, then always a final usage
 reach the client), then `data: [DONE]`. A failure after the stream started is one `data: {"error": {...}}` event
 followed by `data: [DONE]`.
 
-The engine runs in its own thread (started and drained by the app's lifespan); this module never blocks the
+Each engine runs in its own thread (started and drained by the app's lifespan); this module never blocks the
 event loop on it. All state lives in one `ServerState` passed to `create_app`; nothing is global.
 """
 
@@ -23,6 +23,7 @@ import asyncio
 import hmac
 import json
 import math
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,10 +36,10 @@ from ultraspeed.engine.sampler import SamplingParams
 from ultraspeed.engine.scheduler import Engine, EngineConfig, EngineStopped, QueueFull
 from ultraspeed.errors import UltraSpeedError
 from ultraspeed.server.billing import Prices
-from ultraspeed.server.completions import (Format, Generation, GenerationFailed, GenerationTimeout,
+from ultraspeed.server.completions import (Deadline, Format, Generation, GenerationFailed, GenerationTimeout,
                                            openai_finish_reason)
 from ultraspeed.server.errors import APIError, error_body, install_error_handlers
-from ultraspeed.server.limits import KeyQuota, LimitsConfig, bearer_token
+from ultraspeed.server.limits import KeyQuota, LimitsConfig, TrialSessions, bearer_token
 from ultraspeed.server.metrics import Metrics
 from ultraspeed.server.schemas import ChatCompletionRequest, CompletionRequest, VerifierSpec
 from ultraspeed.server.tiers import Tier, make_tiers
@@ -73,22 +74,51 @@ class ServerConfig:
 @dataclass
 class ServerState:
     config: ServerConfig
-    engine: Engine
+    engines: dict[str, Engine]            # by tier name; both tiers share one engine unless their weights differ
     tokenizer: Tokenizer
     tiers: dict[str, Tier]                # by model id
     metrics: Metrics
     quota: KeyQuota
+    sessions: TrialSessions
     accepting: bool = True
 
+    def unique_engines(self) -> list[Engine]:
+        return list({id(e): e for e in self.engines.values()}.values())
 
-def build_state(model, tokenizer: Tokenizer, drafter, config: ServerConfig) -> ServerState:
-    """Wire the engine (not started: the app's lifespan starts it) and the bookkeeping for one model."""
-    tiers = make_tiers(config.model_name, config.standard_max_running, config.ultraspeed_max_running,
-                       config.ultraspeed_multiplier)
-    engine = Engine(model, EngineConfig(groups=tuple(t.group() for t in tiers), max_len=config.max_len,
-                                        max_queue=config.max_queue), drafter)
-    return ServerState(config, engine, tokenizer, {t.model_id: t for t in tiers}, Metrics([t.name for t in tiers]),
-                       KeyQuota(config.limits.max_queued_per_key))
+    def queue_depth(self) -> int:
+        return sum(e.queue_depth() for e in self.unique_engines())
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        """Waiting and running requests per tier."""
+        return {tier: engine.snapshot()[tier] for tier, engine in self.engines.items()}
+
+    @property
+    def alive(self) -> bool:
+        return all(e.alive for e in self.unique_engines())
+
+
+def build_state(model, tokenizer: Tokenizer, drafter, config: ServerConfig, ultraspeed_model=None) -> ServerState:
+    """Wire the engines (not started: the app's lifespan starts them) and the bookkeeping.
+
+    With `ultraspeed_model` (the same model with MXFP4 experts) each tier gets its own engine, the way the
+    ultraspeed product is its own deployment: its own weights, drafter, batch and capacity. Without it, one engine
+    serves both tiers as two scheduling groups over the same weights."""
+    standard, ultraspeed = make_tiers(config.model_name, config.standard_max_running, config.ultraspeed_max_running,
+                                      config.ultraspeed_multiplier,
+                                      "mxfp4" if ultraspeed_model is not None else "original")
+
+    def engine(target, tiers: tuple[Tier, ...], with_drafter) -> Engine:
+        return Engine(target, EngineConfig(groups=tuple(t.group() for t in tiers), max_len=config.max_len,
+                                           max_queue=config.max_queue), with_drafter)
+    if ultraspeed_model is None:
+        shared = engine(model, (standard, ultraspeed), drafter)
+        engines = {"standard": shared, "ultraspeed": shared}
+    else:
+        engines = {"standard": engine(model, (standard,), None),
+                   "ultraspeed": engine(ultraspeed_model, (ultraspeed,), drafter)}
+    tiers = (standard, ultraspeed)
+    return ServerState(config, engines, tokenizer, {t.model_id: t for t in tiers}, Metrics([t.name for t in tiers]),
+                       KeyQuota(config.limits.max_queued_per_key), TrialSessions(config.limits.session_seconds))
 
 
 class AuthMiddleware:
@@ -139,12 +169,13 @@ def create_app(state: ServerState) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        state.engine.start()
+        for engine in state.unique_engines():
+            engine.start()
         yield
         # uvicorn has already stopped accepting connections and waited for in-flight ones; finish what the
         # engine still holds, in a thread so the loop can deliver their last updates meanwhile.
         state.accepting = False
-        await asyncio.to_thread(state.engine.stop, True, cfg.drain_seconds)
+        await asyncio.gather(*(asyncio.to_thread(e.stop, True, cfg.drain_seconds) for e in state.unique_engines()))
 
     app = FastAPI(title="UltraSpeed", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible API with a standard and an ultraspeed (speculative) tier.")
@@ -158,21 +189,22 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        ok = state.accepting and state.engine.alive
+        ok = state.accepting and state.alive
         return JSONResponse({"status": "ok" if ok else ("draining" if not state.accepting else "engine_down"),
-                             "queue_depth": state.engine.queue_depth(), "speculative": state.engine.speculative,
+                             "queue_depth": state.queue_depth(),
+                             "speculative": state.engines["ultraspeed"].speculative,
                              "models": list(state.tiers)}, status_code=200 if ok else 503)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> PlainTextResponse:
-        text = state.metrics.render(state.engine.snapshot(), state.engine.queue_depth())
+        text = state.metrics.render(state.snapshot(), state.queue_depth())
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     def model_card(t: Tier) -> dict:
-        p = cfg.prices
+        p, engine = cfg.prices, state.engines[t.name]
         return {"id": t.model_id, "object": "model", "created": 0, "owned_by": "ultraspeed", "tier": t.name,
-                "speculative": t.speculative and state.engine.speculative, "max_concurrent_requests": t.max_running,
-                "context_length": state.engine.context_limit,
+                "speculative": t.speculative and engine.speculative, "experts": t.experts,
+                "max_concurrent_requests": t.max_running, "context_length": engine.context_limit,
                 "price_per_million_tokens": {"input": round(p.input_per_million * t.price_multiplier, 9),
                                              "output": round(p.output_per_million * t.price_multiplier, 9)}}
 
@@ -217,7 +249,7 @@ def create_app(state: ServerState) -> FastAPI:
             prompts = [list(prompt)]
         else:
             prompts = [list(p) for p in prompt]
-        vocab = state.engine.model.config.vocab_size
+        vocab = state.engines["standard"].model.config.vocab_size
         if not prompts or any(not p for p in prompts):
             raise APIError(400, "the prompt is empty", code="empty_prompt", param="prompt")
         if any(not 0 <= t < vocab for p in prompts for t in p):
@@ -230,7 +262,7 @@ def create_app(state: ServerState) -> FastAPI:
         if unsupported:
             raise APIError(400, f"'{unsupported}' is not supported by this server", code="unsupported_parameter",
                            param=unsupported)
-        params = sampling_params(body, prompts, max_tokens, prompt_param)
+        params = sampling_params(body, prompts, max_tokens, prompt_param, state.engines[tier.name].context_limit)
         stop = body.stop_strings()
         if len(stop) > MAX_STOP_STRINGS:
             raise APIError(400, f"at most {MAX_STOP_STRINGS} stop strings", code="invalid_value", param="stop")
@@ -242,12 +274,19 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(503, "the server is shutting down", code="shutting_down")
 
         key = request.scope.get("state", {}).get("api_key")
+        now = time.perf_counter()
+        session_end = state.sessions.end(key, now)
+        if now >= session_end:
+            state.metrics.rejected(tier.name, "session_expired")
+            raise APIError(429, f"the trial session of this API key has ended (sessions last "
+                                f"{cfg.limits.session_seconds / 60:g} minutes from the first call)",
+                           code="trial_session_expired", type_="insufficient_quota")
         retry = {"Retry-After": str(cfg.limits.retry_after_seconds)}
         if not state.quota.try_acquire(key):
             state.metrics.rejected(tier.name, "rate_limited")
             raise APIError(429, f"too many requests in flight for this API key (at most "
                                 f"{cfg.limits.max_queued_per_key})", code="too_many_queued_requests", headers=retry)
-        gen = Generation(state.engine, state.tokenizer, state.metrics, tier, cfg.prices, prompts, body.n, params,
+        gen = Generation(state.engines[tier.name], state.tokenizer, state.metrics, tier, cfg.prices, prompts, body.n, params,
                          stop)
         try:
             gen.start()
@@ -265,7 +304,8 @@ def create_app(state: ServerState) -> FastAPI:
             state.quota.release(key)
 
         limits = cfg.limits
-        deadline = gen.arrived + limits.session_seconds if limits.session_seconds > 0 else math.inf
+        deadline = Deadline.earliest(gen.arrived + limits.request_seconds if limits.request_seconds > 0 else math.inf,
+                                     session_end)
         idle = limits.idle_seconds if limits.idle_seconds > 0 else math.inf
         if body.stream:
             return EventStream(stream_events(gen, fmt, body.verifier, idle, deadline), on_close=finish)
@@ -283,8 +323,7 @@ def create_app(state: ServerState) -> FastAPI:
             watcher.cancel()
             finish()
 
-    def sampling_params(body, prompts: list[list[int]], max_tokens: int | None, prompt_param: str):
-        limit = state.engine.context_limit
+    def sampling_params(body, prompts: list[list[int]], max_tokens: int | None, prompt_param: str, limit: int):
         out = []
         for p in prompts:
             wanted = len(p) + (max_tokens or 1)
@@ -323,7 +362,7 @@ def create_app(state: ServerState) -> FastAPI:
         return [fmt.choice(p, c.text, openai_finish_reason(c)) for p, c in enumerate(winners)]
 
     async def stream_events(gen: Generation, fmt: Format, verifier: VerifierSpec | None, idle: float,
-                            deadline: float) -> AsyncIterator[dict | str]:
+                            deadline: Deadline) -> AsyncIterator[dict | str]:
         indices = range(len(gen.prompts)) if verifier else [c.index for c in gen.candidates]
         if fmt.chat:
             for i in indices:
@@ -378,9 +417,9 @@ def model_name_from_source(source: str) -> str:
 
 
 def serve(model, tokenizer: Tokenizer, drafter, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
-          log_level: str = "info") -> None:
+          log_level: str = "info", ultraspeed_model=None) -> None:
     """Run until SIGINT/SIGTERM, then drain: no new connections, in-flight requests finish (up to
-    config.drain_seconds), then the engine stops."""
+    config.drain_seconds), then the engines stop."""
     import uvicorn
-    app = create_app(build_state(model, tokenizer, drafter, config))
+    app = create_app(build_state(model, tokenizer, drafter, config, ultraspeed_model))
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(config.drain_seconds))

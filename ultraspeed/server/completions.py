@@ -38,6 +38,26 @@ class GenerationFailed(Exception):
     pass
 
 
+TIMEOUT_MESSAGES = {
+    "idle": "no tokens were produced for too long; the connection was idle",
+    "request": "the call reached its maximum duration",
+    "session": "the trial session of this API key ended",
+}
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When a call must end (perf_counter time) and which limit that is: "request" (per call) or "session"
+    (the API key's trial session), whichever comes first."""
+
+    at: float = math.inf
+    kind: str = "request"
+
+    @classmethod
+    def earliest(cls, request_end: float, session_end: float) -> "Deadline":
+        return cls(session_end, "session") if session_end < request_end else cls(request_end, "request")
+
+
 @dataclass
 class Candidate:
     index: int                      # position among all candidates (prompt_index * n + j)
@@ -47,6 +67,7 @@ class Candidate:
     text: str = ""
     tokens: int = 0
     accepted: list[int] = field(default_factory=list)
+    prefill_tokens: int = 0         # prompt tokens the engine ran for it (0 when it shared a sibling's prefill)
     finish_reason: str | None = None
     error: str | None = None
 
@@ -121,18 +142,18 @@ class Generation:
 
     # -- updates ---------------------------------------------------------------------------------------------
 
-    async def updates(self, idle_s: float, deadline: float) -> AsyncIterator[tuple[Candidate, str]]:
+    async def updates(self, idle_s: float, deadline: "Deadline") -> AsyncIterator[tuple[Candidate, str]]:
         """(candidate, new text) as tokens arrive, until every candidate is done. `idle_s`: longest wait for the
-        next token; `deadline`: perf_counter time the whole call must end by. Raises GenerationTimeout."""
+        next token; `deadline`: when the whole call must end. Raises GenerationTimeout."""
         while not all(c.done for c in self.candidates):
-            remaining = deadline - time.perf_counter()
+            remaining = deadline.at - time.perf_counter()
             if remaining <= 0:
-                raise self._timeout("session")
+                raise self._timeout(deadline.kind)
             wait = min(idle_s, remaining)
             try:
                 index, update = await asyncio.wait_for(self._queue.get(), wait if math.isfinite(wait) else None)
             except asyncio.TimeoutError:
-                raise self._timeout("session" if time.perf_counter() >= deadline else "idle") from None
+                raise self._timeout(deadline.kind if time.perf_counter() >= deadline.at else "idle") from None
             c = self.candidates[index]
             if c.done:              # late tokens of a candidate a stop string already ended
                 continue
@@ -140,9 +161,7 @@ class Generation:
 
     def _timeout(self, kind: str) -> GenerationTimeout:
         self.cancel("timeout")
-        if kind == "idle":
-            return GenerationTimeout("idle_timeout", "no tokens were produced for too long; the connection was idle")
-        return GenerationTimeout("session_timeout", "the connection reached its maximum duration")
+        return GenerationTimeout(f"{kind}_timeout", TIMEOUT_MESSAGES[kind])
 
     def _apply(self, c: Candidate, update: Update) -> str:
         now = time.perf_counter()
@@ -155,6 +174,8 @@ class Generation:
             self.metrics.tokens(self.tier.name, len(update.token_ids), update.accepted)
         if update.accepted:
             c.accepted.append(update.accepted)
+        if update.stats is not None:
+            c.prefill_tokens = update.stats.prefill_tokens
         delta = c.stream.feed(update.token_ids)
         if c.stream.stopped:
             c.finish_reason = "stop"
@@ -167,7 +188,7 @@ class Generation:
         c.text += delta
         return delta
 
-    async def run_to_end(self, idle_s: float, deadline: float) -> None:
+    async def run_to_end(self, idle_s: float, deadline: "Deadline") -> None:
         async for _ in self.updates(idle_s, deadline):
             pass
 
@@ -198,6 +219,8 @@ class Generation:
             if self.first_token_at is not None else None,
             # decode speed after the first token, over all candidates of the call
             "tokens_per_s": round((tokens - len(self.candidates)) / decode_s, 2) if decode_s > 0 else None,
+            # prompt tokens actually prefilled: the n candidates of a prompt share one prefill when admitted together
+            "prefill_tokens": sum(c.prefill_tokens for c in self.candidates),
         }
         if best_of is not None:
             ext["best_of"] = [None if b is None else {"prompt_index": p, "winner": b.winner, "reason": b.reason,

@@ -4,13 +4,15 @@
   keys configured the server is open and the per-key quota does not apply (a local server needs neither).
 - A key may have `max_queued_per_key` API calls in flight (queued or running; a call with n candidates counts
   once); the next one gets 429 with Retry-After.
-- A connection lasts at most `session_seconds` (its request is cancelled and the stream ends with an error event),
-  and a streaming connection that received no token for `idle_seconds` (stuck in the queue, or a stalled engine)
-  is closed the same way. Zero disables either limit.
+- A key's trial session lasts `session_seconds` from its first call: calls after that get 429
+  (`trial_session_expired`), and calls still running when it ends are cut (the stream ends with an error event).
+  Any one call lasts at most `request_seconds` (keys or not), and a streaming connection that received no token for
+  `idle_seconds` (stuck in the queue, or a stalled engine) is closed the same way. Zero disables a limit.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -26,7 +28,8 @@ API_KEYS_ENV = "ULTRASPEED_API_KEYS"
 class LimitsConfig:
     api_keys: frozenset[str] = frozenset()   # empty: no authentication
     max_queued_per_key: int = 10
-    session_seconds: float = 30 * 60
+    session_seconds: float = 30 * 60         # per API key, from its first call
+    request_seconds: float = 30 * 60         # per call
     idle_seconds: float = 5 * 60
     retry_after_seconds: int = 2             # what a 429/503 tells the client to wait
 
@@ -79,3 +82,19 @@ class KeyQuota:
 
     def in_flight(self, key: str) -> int:
         return self._in_flight[key]
+
+
+class TrialSessions:
+    """When each API key's trial session ends: `session_seconds` after its first call. Event loop only, no lock.
+    Sessions live as long as the server (a restart starts every key afresh)."""
+
+    def __init__(self, session_seconds: float) -> None:
+        self.session_seconds = session_seconds
+        self._ends: dict[str, float] = {}
+
+    def end(self, key: str | None, now: float) -> float:
+        """The key's session end (perf_counter time), starting its session if this is its first call; inf for
+        an open server (no key) or no limit."""
+        if key is None or self.session_seconds <= 0:
+            return math.inf
+        return self._ends.setdefault(key, now + self.session_seconds)

@@ -29,6 +29,7 @@ class DistillSpec:
     max_prompt_tokens: int = 384
     target_layer_ids: tuple[int, ...] = ()
     model: str = "default"
+    weights: str = "checkpoint"     # the target's dense weight format while generating ("int8" on a CPU)
 
 
 @dataclass
@@ -63,16 +64,35 @@ def build_or_load(loaded: LoadedModel, spec: DistillSpec, directory: Path, batch
             if len(ids) <= spec.max_prompt_tokens:
                 prompts.append(ids)
                 domains.append(domain)
-    params = SamplingParams(temperature=0.0, max_tokens=spec.max_new_tokens)
-    bar = tqdm(total=len(prompts), desc="distill: target generates responses", unit="seq")
-    responses = generate_batch(loaded.model, prompts, params, tok.stop_token_ids, max_batch=batch,
-                               on_finish=lambda i, toks: bar.update(1))
-    bar.close()
+    responses = _generate_resumable(loaded, prompts, spec, spec_json, directory / "responses.partial.pt", batch)
     tokens = [p + r for p, r in zip(prompts, responses)]
     _write_features(loaded, tokens, spec.target_layer_ids, feat_path)
     saved = {"spec": spec_json, "prompt_lens": [len(p) for p in prompts], "tokens": tokens, "domains": domains}
     torch.save(saved, seq_path)
+    (directory / "responses.partial.pt").unlink(missing_ok=True)
     return _load(saved, feat_path)
+
+
+def _generate_resumable(loaded: LoadedModel, prompts: list[list[int]], spec: DistillSpec, spec_json: str,
+                        partial: Path, batch: int) -> list[list[int]]:
+    """The target's greedy responses, generated in chunks of a few batches; each finished chunk is saved to
+    `partial`, so an interrupted run (hours on a CPU) resumes where it stopped instead of starting over."""
+    done: list[list[int]] = []
+    if partial.exists():
+        saved = torch.load(partial)
+        if saved["spec"] == spec_json:
+            done = saved["responses"]
+    params = SamplingParams(temperature=0.0, max_tokens=spec.max_new_tokens)
+    bar = tqdm(total=len(prompts), initial=len(done), desc="distill: target generates responses", unit="seq")
+    chunk = 4 * batch
+    while len(done) < len(prompts):
+        todo = prompts[len(done):len(done) + chunk]
+        done += generate_batch(loaded.model, todo, params, loaded.tokenizer.stop_token_ids, max_batch=batch,
+                               on_finish=lambda i, toks: bar.update(1))
+        torch.save({"spec": spec_json, "responses": done}, partial.with_suffix(".tmp"))
+        partial.with_suffix(".tmp").replace(partial)
+    bar.close()
+    return done
 
 
 @torch.inference_mode()

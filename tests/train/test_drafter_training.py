@@ -1,0 +1,117 @@
+"""The drafter trainer on a tiny random target: anchors stay inside the response, training lowers the block loss
+and resumes from its checkpoint, and self-distillation data generation resumes after an interruption with the
+same result as an uninterrupted run."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import hf_model, ours_from_hf
+from ultraspeed.models.dflash import DFlashConfig, DFlashDrafter, init_from_target, init_random
+from ultraspeed.train import distill_data
+from ultraspeed.train.distill_data import DistillData, DistillSpec, build_or_load
+from ultraspeed.train.drafter import TrainConfig, block_loss, sample_anchors, train
+
+pytest.importorskip("transformers")
+VOCAB, EOS = 96, 95
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    torch.set_num_threads(1)
+    return ours_from_hf(hf_model("qwen2", seed=5, vocab_size=VOCAB, eos_token_id=EOS, bos_token_id=EOS),
+                        tmp_path_factory.mktemp("target")).requires_grad_(False)
+
+
+def test_anchors_leave_room_for_a_full_block_inside_the_response():
+    rng = random.Random(0)
+    for prompt_len, seq_len, block in [(5, 30, 4), (1, 9, 8), (12, 40, 16)]:
+        anchors = sample_anchors(prompt_len, seq_len, block, 6, rng)
+        assert anchors == sorted(set(anchors)) and anchors
+        assert all(prompt_len - 1 <= a <= seq_len - block for a in anchors)
+    assert sample_anchors(10, 12, 4, 6, rng) == []          # response too short for one block
+
+
+def toy_data(target, drafter, n_seqs=6, length=48, prompt_len=8) -> DistillData:
+    """Sequences the target itself would write: a repeating pattern the drafter can learn quickly."""
+    g = torch.Generator().manual_seed(1)
+    tokens, feats = [], []
+    for _ in range(n_seqs):
+        period = torch.randint(1, 90, (5,), generator=g)
+        seq = period.repeat(length // 5 + 1)[:length].tolist()
+        with torch.inference_mode():
+            _, captured = target(torch.tensor([seq]), target.new_cache(1, length), drafter.config.target_layer_ids)
+        tokens.append(seq)
+        feats.append(torch.cat(captured, dim=-1)[0].numpy().astype(np.float16))
+    offsets = np.concatenate([[0], np.cumsum([len(t) for t in tokens])]).astype(np.int64)
+    return DistillData([prompt_len] * n_seqs, tokens, ["chat"] * n_seqs, offsets, np.concatenate(feats))
+
+
+def eval_loss(drafter, target, data) -> float:
+    rng = random.Random(123)
+    with torch.no_grad():
+        losses = [block_loss(drafter, target, torch.tensor(t), data.sequence_features(i),
+                             sample_anchors(data.prompt_lens[i], len(t), drafter.config.block_size, 8, rng))[0]
+                  for i, t in enumerate(data.tokens)]
+    return float(torch.stack(losses).mean())
+
+
+def test_training_lowers_the_block_loss_and_resumes(target, tmp_path):
+    config = DFlashConfig.for_target(target.config, num_layers=1, num_features=2, block_size=4)
+    drafter = DFlashDrafter(config)
+    init_random(drafter, 0)
+    init_from_target(drafter, target)
+    data = toy_data(target, drafter)
+    before = eval_loss(drafter, target, data)
+    cfg = TrainConfig(steps=60, seqs_per_step=2, anchors_per_seq=8, checkpoint_every=10, lr_muon=0.02,
+                      lr_adam=0.01)
+    train(drafter, target, data, cfg, tmp_path, log=lambda m: None)
+    after = eval_loss(drafter, target, data)
+    assert after < 0.75 * before, (before, after)
+    assert (tmp_path / "drafter.safetensors").exists()
+    # A longer run in the same directory resumes at the checkpoint instead of starting over.
+    logs = []
+    resumed = DFlashDrafter(config)
+    train(resumed, target, data, replace(cfg, steps=65), tmp_path, log=logs.append)
+    assert logs[0].startswith("resumed") and "at step 60" in logs[0]
+    assert torch.load(tmp_path / "checkpoint.pt")["step"] == 65
+
+
+def test_distillation_generation_resumes_after_an_interruption(target, tmp_path, monkeypatch):
+    class Tok:
+        stop_token_ids = (EOS,)
+
+        def encode_chat(self, messages):
+            return [ord(c) % 90 + 1 for c in messages[0]["content"]]
+
+    prompts = {"chat": [[{"role": "user", "content": f"prompt {i} " + "x" * (i % 5)}] for i in range(13)]}
+    monkeypatch.setattr(distill_data, "domain_prompts", lambda domain, split, count: prompts[domain][:count])
+    loaded = SimpleNamespace(model=target, tokenizer=Tok())
+    spec = DistillSpec(counts=(("chat", 13),), max_new_tokens=6, target_layer_ids=(0, 1))
+
+    clean = build_or_load(loaded, spec, tmp_path / "clean", batch=2)     # chunks of 4 * batch = 8 prompts
+
+    real, calls = distill_data.generate_batch, []
+
+    def fail_on_second_chunk(model, todo, *args, **kw):
+        calls.append(len(todo))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(model, todo, *args, **kw)
+    monkeypatch.setattr(distill_data, "generate_batch", fail_on_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        build_or_load(loaded, spec, tmp_path / "resumed", batch=2)
+    assert (tmp_path / "resumed" / "responses.partial.pt").exists()
+    calls.clear()
+    monkeypatch.setattr(distill_data, "generate_batch", lambda *a, **kw: (calls.append(len(a[1])), real(*a, **kw))[1])
+    resumed = build_or_load(loaded, spec, tmp_path / "resumed", batch=2)
+    assert calls == [5]                          # only the 13 - 8 prompts the first run had not finished
+    assert resumed.tokens == clean.tokens and resumed.prompt_lens == clean.prompt_lens
+    assert np.array_equal(np.asarray(resumed.features), np.asarray(clean.features))
+    assert not (tmp_path / "resumed" / "responses.partial.pt").exists()
