@@ -287,7 +287,7 @@ def ultraspeed_tier_model(loaded, checkpoint: str | None):
     from ultraspeed.loader import load_model
     from ultraspeed.quant.apply import MXFP4Experts, MXFP4Linear, expert_targets, quantize_experts
     if checkpoint is None:
-        return quantize_experts(copy.deepcopy(loaded.model), "ceil")
+        return quantize_experts(copy.deepcopy(loaded.model), "mse")
     fast = load_model(checkpoint).model
     a, b = fast.config, loaded.model.config
     if (a.vocab_size, a.hidden_size, a.num_layers) != (b.vocab_size, b.hidden_size, b.num_layers):
@@ -346,7 +346,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_len=args.max_context, max_n=args.max_n,
         prices=Prices(args.price_input, args.price_output), limits=limits,
         verifier=VerifierConfig(enabled=args.enable_verifier, timeout_s=args.verifier_timeout),
-        drain_seconds=args.drain_seconds)
+        drain_seconds=args.drain_seconds, min_accepted=args.min_accepted)
     how = ", ".join(["MXFP4 experts" if fast is not None else "original experts",
                      "DFlash speculative" if drafter is not None else "plain decoding (no drafter)"])
     print(f"ultraspeed: serving {config.model_name} and {config.model_name}-ultraspeed ({how}) at "
@@ -414,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--drafter", default=None, help="DFlash drafter .safetensors for the ultraspeed tier "
                    "(default model: the shipped one; without any, the ultraspeed tier decodes plainly)")
     s.add_argument("--no-spec", action="store_true", help="ultraspeed tier without a drafter (plain decoding)")
+    s.add_argument("--min-accepted", type=float, default=2.0,
+                   help="an ultraspeed request whose drafter commits fewer tokens per step than this after 4 "
+                        "probe steps finishes with plain decoding (same output, cheaper steps); 0 = never")
     s.add_argument("--ultraspeed-experts", choices=["mxfp4", "original"], default="mxfp4",
                    help="expert weights of the ultraspeed tier (mxfp4: its own engine and weights; for a dense "
                         "model the MLP is the expert)")
@@ -489,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "original vs round-to-nearest vs QAT")
     add_bench_flags(bq)
     bq.add_argument("--qat", default=None, help="also measure this QAT checkpoint (from `ultraspeed qat`)")
-    bq.add_argument("--scale-rule", default="ceil", choices=["floor", "ceil", "even"])
+    bq.add_argument("--scale-rule", default="mse", choices=["floor", "ceil", "even", "mse"])
     bq.add_argument("--chat-texts", type=int, default=200, help="held-out ShareGPT turns (all 44 held-out "
                     "HumanEval tasks are always used)")
     bq.add_argument("--window", type=int, default=512, help="tokens per perplexity window")
@@ -500,8 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("input", help="a Hugging Face model directory, a .gguf file, or 'default'")
     q.add_argument("output", help="output directory (config.json, model.safetensors, tokenizer files)")
     q.add_argument("--format", default="mxfp4", choices=["mxfp4"])
-    q.add_argument("--scale-rule", default="ceil", choices=["floor", "ceil", "even"],
-                   help="block exponent rule (default ceil: never clips, as gpt-oss's triton path)")
+    q.add_argument("--scale-rule", default="mse", choices=["floor", "ceil", "even", "mse"],
+                   help="block exponent rule (default mse: floor or one binade up, whichever reconstructs the block "
+                        "better; ceil never clips, as gpt-oss's triton path)")
     q.set_defaults(func=cmd_quantize)
 
     qa = sub.add_parser("qat", help="MXFP4 quantization-aware training of the expert weights (distillation "
@@ -514,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     qa.add_argument("--seqs-per-step", type=int, default=2)
     qa.add_argument("--chat-texts", type=int, default=1000, help="ShareGPT train turns (plus all 120 HumanEval "
                     "train solutions)")
-    qa.add_argument("--scale-rule", default="ceil", choices=["floor", "ceil", "even"])
+    qa.add_argument("--scale-rule", default="mse", choices=["floor", "ceil", "even", "mse"])
     qa.add_argument("--checkpoint-every", type=int, default=25)
     qa.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     qa.add_argument("--seed", type=int, default=0)

@@ -35,7 +35,7 @@ def quantized(tiny_dir, tmp_path_factory):
 def test_quantize_cli_round_trip(quantized):
     source, out = quantized
     reference = load_model(source).model
-    fake_quantize_experts(reference)           # what the checkpoint must reproduce
+    fake_quantize_experts(reference, "mse")    # what the checkpoint must reproduce (the CLI's default rule)
     loaded = load_model(out)
     set_kernel(loaded.model, False)
     assert isinstance(loaded.model.layers[1].mlp.experts, MXFP4Experts)
@@ -63,9 +63,9 @@ def test_load_dequantized(quantized):
     dense = load_model(out, dequantize=True).model
     assert type(dense.layers[1].mlp.experts) is Experts
     original = load_model(source).model
-    expected = fake_quant_linear_weight(original.layers[1].mlp.experts.gate_up_proj)
+    expected = fake_quant_linear_weight(original.layers[1].mlp.experts.gate_up_proj, "mse")
     assert same_bits(dense.layers[1].mlp.experts.gate_up_proj, expected)
-    fake_quantize_experts(original)
+    fake_quantize_experts(original, "mse")
     ids = token_ids(5)
     assert torch.equal(logits(dense, ids), logits(original, ids))
 

@@ -92,6 +92,8 @@ def test_n_choices_seed_and_stop(tiny, client):
     b = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=1.0, seed=7, n=3)
     assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
     assert len({c.message.content for c in a.choices}) > 1       # candidate i samples with seed + i
+    # the 3 candidates were admitted together (4 slots): one prefill, two copies of its cache row
+    assert a.model_extra["ultraspeed"]["prefill_tokens"] == a.usage.prompt_tokens
     assert 3 <= a.usage.completion_tokens <= 24
     # A stop string taken from the greedy output cuts it right before the stop string.
     _, text = expected(tiny, chat_ids(tiny, "Stop here"), 30)

@@ -96,7 +96,7 @@ def sse_events(response):
 
 def test_idle_stream_and_request_limits(tiny):
     model = ScriptedModel(ENDLESS, delay_s=0.02)
-    limits = LimitsConfig(idle_seconds=1.0, request_seconds=2.5)   # 230 tokens take >= 4.6 s
+    limits = LimitsConfig(idle_seconds=2.0, request_seconds=3.0)   # 230 tokens take >= 4.6 s
     with run_server(model, tiny.tokenizer, standard_max_running=1, limits=limits) as running:
         with httpx.Client(base_url=running.url, timeout=30) as http:
             with http.stream("POST", "/v1/chat/completions", json={**CHAT, "max_tokens": 230}) as busy:

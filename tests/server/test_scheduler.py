@@ -93,6 +93,26 @@ def test_candidates_of_one_prompt_share_its_prefill(tiny, engine, group):
     assert [c.final.stats.prefill_tokens for c in together] == [len(p)] * len(first) + [len(p), 0]
 
 
+def test_requests_the_drafter_does_not_help_move_to_the_plain_lane(tiny):
+    """With min_accepted above what the drafter commits, speculative requests switch to plain decoding after the
+    probe steps, mid-batch, and still produce exactly the plain greedy tokens."""
+    config = EngineConfig(groups=GROUPS, max_len=128, max_queue=16, min_accepted=100.0, probe_steps=3)
+    engine = Engine(tiny.model, config, tiny.drafter).start()
+    try:
+        params = SamplingParams(max_tokens=20, ignore_eos=True)
+        ps = prompts(3)
+        got = run(engine, [EngineRequest(p, params, None, group=g)
+                           for p, g in zip(ps, ("ultraspeed", "ultraspeed", "standard"))])
+    finally:
+        engine.stop()
+    for c, p in zip(got, ps):
+        assert c.tokens == sum(generate_plain(tiny.model, p, params), [])
+    assert [c.final.stats.plain_after for c in got] == [3, 3, None]
+    # after the switch every step commits exactly one token
+    assert all(a == 1 for c in got[:2] for a in c.final.stats.accepted_lengths[3:])
+    assert not engine._spec.seqs and not engine._plain.seqs
+
+
 def test_fork_copies_the_parent_prompt_rows(tiny):
     """White-box: a forked row holds exactly the parent's prompt K/V (the tiny random model's samples barely
     depend on context, so the token check above alone could miss a wrong row)."""

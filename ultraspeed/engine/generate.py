@@ -27,6 +27,7 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     accepted_lengths: list[int] = field(default_factory=list)   # tokens committed per decode forward
+    plain_after: int | None = None    # speculative decoding gave up after this many steps (drafter not worth it)
     finish_reason: str | None = None  # "stop" | "length"
 
     @property

@@ -46,10 +46,12 @@ class KVCache:
         else:
             self.lengths[row] = 0
 
-    def move_row(self, src: int, dst: int) -> None:
-        """Copy sequence `src` into row `dst` (used to keep the running batch in rows 0..B-1)."""
-        n = int(self.lengths[src])
-        for k, v in zip(self.keys, self.values):
-            k[dst, :, :n] = k[src, :, :n]
-            v[dst, :, :n] = v[src, :, :n]
+    def move_row(self, src: int, dst: int, source: "KVCache | None" = None) -> None:
+        """Copy sequence `src` (of `source`, default this cache) into row `dst`: keeps the running batch in rows
+        0..B-1, forks a shared prompt, or moves a sequence between two caches of the same model."""
+        source = source if source is not None else self
+        n = int(source.lengths[src])
+        for k, v, sk, sv in zip(self.keys, self.values, source.keys, source.values):
+            k[dst, :, :n] = sk[src, :, :n]
+            v[dst, :, :n] = sv[src, :, :n]
         self.lengths[dst] = n

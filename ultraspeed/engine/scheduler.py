@@ -10,7 +10,8 @@ batch always occupies rows 0..b-1 and every step is one contiguous forward). Two
                       are per row, so rows advance by different numbers of tokens
 
 Groups (the server's tiers) cap how many of their requests run at once; a group marked speculative uses the
-speculative lane when a drafter is loaded (else the plain lane). A speculative request whose prompt leaves no
+speculative lane when a drafter is loaded (else the plain lane), and a request on which the drafter does not pay
+for itself (EngineConfig.min_accepted) moves to the plain lane after a few probe steps, with the same output. A speculative request whose prompt leaves no
 room for a verify block near the end of the context runs in the plain lane instead (rows there are sized for it).
 
 Thread safety: `submit`, `cancel`, `stop` and the read-only `snapshot` may be called from any thread; they touch
@@ -34,7 +35,7 @@ from ultraspeed.engine.generate import GenerationStats
 from ultraspeed.engine.kv_cache import KVCache
 from ultraspeed.engine.sampler import SamplingParams, make_generator, sample
 from ultraspeed.engine.speculative import (accept_greedy, accept_sampling, append_context, draft_block,
-                                           features_of, new_draft_cache)
+                                           features_of, gives_up, new_draft_cache)
 from ultraspeed.errors import UltraSpeedError
 from ultraspeed.models.decoder import Decoder
 from ultraspeed.models.dflash import DFlashDrafter
@@ -63,6 +64,10 @@ class EngineConfig:
     max_len: int = 2048             # cache positions per row (prompt + completion); capped by the model context
     max_queue: int = 64             # waiting requests (all groups); submit() beyond it raises QueueFull
     prefill_chunk: int = 512        # prompt tokens per prefill forward (bounds activation memory)
+    # A speculative request whose drafter commits fewer than `min_accepted` tokens per step over its first
+    # `probe_steps` steps moves to the plain lane (same tokens, cheaper steps). 0 = never.
+    min_accepted: float = 0.0
+    probe_steps: int = 4
 
 
 @dataclass
@@ -136,6 +141,12 @@ class _PlainLane:
         """Admit `seq`, whose prompt equals that of `parent` admitted in this same round: the parent's row holds
         exactly the prompt, so copying it replaces a prefill (n candidates share one)."""
         self.cache.move_row(self.seqs.index(parent), len(self.seqs))
+        self.seqs.append(seq)
+
+    def adopt(self, seq: _Sequence, cache: KVCache, row: int) -> None:
+        """Continue a sequence decoded so far in another lane (same model): copy its cache row over."""
+        self.cache.move_row(row, len(self.seqs), source=cache)
+        seq.pending = None
         self.seqs.append(seq)
 
     def step(self) -> list[list[int]]:
@@ -443,6 +454,18 @@ class Engine:
             return
         for seq, tokens in list(zip(lane.seqs, new_tokens)):
             self._commit(lane, seq, tokens, accepted=len(tokens))
+        if lane is self._spec and self.config.min_accepted > 0:
+            for seq in [s for s in lane.seqs if gives_up(s.stats, self.config.min_accepted, self.config.probe_steps)]:
+                self._to_plain_lane(seq)
+
+    def _to_plain_lane(self, seq: _Sequence) -> None:
+        """The drafter is not paying for its verify steps on this request: decode the rest plainly. The plain
+        lane has a row for every running slot, so there is always room."""
+        row = self._spec.seqs.index(seq)
+        self._plain.adopt(seq, self._spec.cache, row)
+        self._spec.remove(row)
+        self._running[seq.request.id] = (self._plain, seq)
+        seq.stats.plain_after = len(seq.stats.accepted_lengths)
 
     def _commit(self, lane, seq: _Sequence, tokens: list[int], accepted: int) -> None:
         """Hand committed tokens to the request, cut at a stop token or the length limit; retire it if done."""

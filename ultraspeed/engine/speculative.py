@@ -123,6 +123,12 @@ def speculative_step(target: Decoder, drafter: DFlashDrafter, cache: KVCache, dr
     return committed, new_pending
 
 
+def gives_up(stats: GenerationStats, min_accepted: float, probe_steps: int) -> bool:
+    """After `probe_steps` speculative steps, is the drafter committing too few tokens per step to pay for
+    verification? Then decoding continues plainly from the same state: the output is exactly the same."""
+    return len(stats.accepted_lengths) >= probe_steps and stats.mean_accepted < min_accepted
+
+
 @torch.inference_mode()
 def generate_speculative(target: Decoder, drafter: DFlashDrafter, prompt_ids: list[int], params: SamplingParams,
                          stop_ids: tuple[int, ...] = (), cache: KVCache | None = None,
@@ -176,4 +182,5 @@ def generate_speculative(target: Decoder, drafter: DFlashDrafter, prompt_ids: li
             new_tokens = committed[0]
         stats.target_forwards += 1
         stats.accepted_lengths.append(len(new_tokens))
-        plain = plain or (stats.target_forwards >= probe_steps and stats.mean_accepted < min_accepted)
+        if not plain and gives_up(stats, min_accepted, probe_steps):
+            plain, stats.plain_after = True, stats.target_forwards

@@ -16,6 +16,9 @@ Decoding is unambiguous. Encoding has two free choices, fixed here:
                                           re-encodes decoded MXFP4 with it, which is lossless.
     "even":  floor(log2 RN1(amax)) - 2    torchao EVEN: amax rounded to one mantissa bit first, so only the
                                           values that rounding would send to 6 anyway clip. amax/X in [3.5, 7).
+    "mse":   floor's exponent or one more, whichever reconstructs the block with the smaller squared error
+             (ties: the larger scale). Every other rule picks one of these two, so no block is worse than under
+             any of them; it costs a second encode. The decoder cannot tell: the format is the same.
   The exponent is then clamped to E8M0's [-127, 127]: tiny blocks flush toward zero, huge ones saturate.
   Re-encoding decoded MXFP4 with any rule gives back the same values. It gives back the same bytes when the
   block max decodes to 4X or 6X, as floor and even always leave it; ceil leaves 3X when amax/X < 3.5, and
@@ -47,8 +50,8 @@ E2M1_VALUES: tuple[float, ...] = (
     -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
 )
 
-ScaleRule = Literal["floor", "ceil", "even"]
-SCALE_RULES: tuple[str, ...] = ("floor", "ceil", "even")
+ScaleRule = Literal["floor", "ceil", "even", "mse"]
+SCALE_RULES: tuple[str, ...] = ("floor", "ceil", "even", "mse")
 
 # Midpoints between consecutive magnitudes (code i, i+1). A value exactly on a midpoint goes to the even code,
 # so it stays below the midpoints whose lower code is even and passes the ones whose lower code is odd.
@@ -134,15 +137,29 @@ def quantize_mxfp4(w: Tensor, scale_rule: ScaleRule = "ceil") -> tuple[Tensor, T
 
     amax = magnitude.amax(dim=-1)  # NaN and Inf propagate
     special = ~torch.isfinite(amax)
-    exponent = _shared_exponent(amax, scale_rule)
-    scales = (exponent + E8M0_BIAS).to(torch.uint8).masked_fill(special, E8M0_NAN)
+    if scale_rule != "mse":
+        codes, scales = _encode(x, magnitude, special, _shared_exponent(amax, scale_rule))
+        return pack_nibbles(codes), scales
+    low = _shared_exponent(amax, "floor")
+    candidates = [_encode(x, magnitude, special, e) for e in (low, (low + 1).clamp(max=E8M0_MAX_EXP))]
+    # fp64 errors: squares of fp32 values span 2^-300..2^256, beyond fp32's range at both ends.
+    exact = x.double()
+    errors = [(e2m1_lut(torch.float64, x.device)[c.long()] * e8m0_to_float(sc, torch.float64).unsqueeze(-1)
+               - exact).square().sum(-1) for c, sc in candidates]
+    higher = (errors[1] <= errors[0]) & (amax > 0)      # zero blocks keep the smallest scale, as every rule
+    codes = torch.where(higher.unsqueeze(-1), candidates[1][0], candidates[0][0])
+    scales = torch.where(higher, candidates[1][1], candidates[0][1])
+    return pack_nibbles(codes), scales
 
+
+def _encode(x: Tensor, magnitude: Tensor, special: Tensor, exponent: Tensor) -> tuple[Tensor, Tensor]:
+    """Codes [..., G, 32] and E8M0 scale bytes [..., G] of blocks x under per-block exponents."""
+    scales = (exponent + E8M0_BIAS).to(torch.uint8).masked_fill(special, E8M0_NAN)
     # Dividing by a power of two is exact (wherever it matters: near the rounding thresholds the quotients are
     # normal floats), so rounding happens once, in _round_to_e2m1_magnitude.
     scaled = magnitude / e8m0_to_float(scales, x.dtype).unsqueeze(-1)
     codes = _round_to_e2m1_magnitude(scaled) | (torch.signbit(x).to(torch.uint8) << 3)
-    codes = codes.masked_fill(special.unsqueeze(-1), 0)  # canonical codes under a NaN scale
-    return pack_nibbles(codes), scales
+    return codes.masked_fill(special.unsqueeze(-1), 0), scales  # canonical codes under a NaN scale
 
 
 def dequantize_mxfp4(blocks: Tensor, scales: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -63,6 +63,8 @@ class ServerConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     drain_seconds: float = 60.0           # graceful shutdown: how long in-flight requests may still run
+    min_accepted: float = 0.0             # ultraspeed requests whose drafter commits fewer tokens per step than
+                                          # this (after 4 probe steps) finish with plain decoding; 0 = never
 
     def __post_init__(self) -> None:
         if min(self.standard_max_running, self.ultraspeed_max_running, self.max_queue, self.max_n) < 1:
@@ -109,7 +111,8 @@ def build_state(model, tokenizer: Tokenizer, drafter, config: ServerConfig, ultr
 
     def engine(target, tiers: tuple[Tier, ...], with_drafter) -> Engine:
         return Engine(target, EngineConfig(groups=tuple(t.group() for t in tiers), max_len=config.max_len,
-                                           max_queue=config.max_queue), with_drafter)
+                                           max_queue=config.max_queue, min_accepted=config.min_accepted),
+                      with_drafter)
     if ultraspeed_model is None:
         shared = engine(model, (standard, ultraspeed), drafter)
         engines = {"standard": shared, "ultraspeed": shared}

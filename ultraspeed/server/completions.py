@@ -68,6 +68,7 @@ class Candidate:
     tokens: int = 0
     accepted: list[int] = field(default_factory=list)
     prefill_tokens: int = 0         # prompt tokens the engine ran for it (0 when it shared a sibling's prefill)
+    plain_after: int | None = None  # speculative steps after which the engine switched it to plain decoding
     finish_reason: str | None = None
     error: str | None = None
 
@@ -175,7 +176,7 @@ class Generation:
         if update.accepted:
             c.accepted.append(update.accepted)
         if update.stats is not None:
-            c.prefill_tokens = update.stats.prefill_tokens
+            c.prefill_tokens, c.plain_after = update.stats.prefill_tokens, update.stats.plain_after
         delta = c.stream.feed(update.token_ids)
         if c.stream.stopped:
             c.finish_reason = "stop"
@@ -221,6 +222,8 @@ class Generation:
             "tokens_per_s": round((tokens - len(self.candidates)) / decode_s, 2) if decode_s > 0 else None,
             # prompt tokens actually prefilled: the n candidates of a prompt share one prefill when admitted together
             "prefill_tokens": sum(c.prefill_tokens for c in self.candidates),
+            # candidates the drafter did not help, finished with plain decoding (EngineConfig.min_accepted)
+            "plain_fallbacks": sum(c.plain_after is not None for c in self.candidates),
         }
         if best_of is not None:
             ext["best_of"] = [None if b is None else {"prompt_index": p, "winner": b.winner, "reason": b.reason,
