@@ -61,6 +61,34 @@ def test_quick_report_end_to_end(capsys, tmp_path):
     assert is_png(tmp_path / "tokens_per_s.png") and "](tokens_per_s.png)" in markdown
 
 
+def test_an_interrupted_report_resumes_with_the_systems_it_had_not_measured(tmp_path, monkeypatch):
+    from ultraspeed.bench import report as report_module
+    calls, interrupt = [], [True]
+
+    def fake_measure(job):
+        calls.append(job.name)
+        if job.name == "ours_mxfp4" and interrupt:
+            interrupt.clear()
+            raise KeyboardInterrupt         # the user stops the first run during its second system
+        return {**summarize_domains({"math": samples(10.0 + len(calls), (1,))}), "weights": "int8",
+                "memory_mb": {"peak_rss": 1.0, "baseline_rss": 0.5, "extra_peak": 0.5, "end_rss": 1.0}}
+    monkeypatch.setattr(report_module, "run_in_fresh_process", fake_measure)
+    systems = ["ours_plain", "ours_mxfp4", "hf_transformers"]
+    args = ["bench", "report", "--quick", "--systems", *systems, "--domains", "math", "--threads", "1",
+            "--out-dir", str(tmp_path)]
+    assert main(args) == 130                                   # Ctrl-C
+    assert (tmp_path / ".partial" / "ours_plain.json").exists() and not (tmp_path / "report.json").exists()
+    calls.clear()
+    assert main(args) == 0
+    assert calls == ["ours_mxfp4", "hf_transformers"]          # ours_plain came from the first run
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["resumed_systems"] == ["ours_plain"] and list(report["systems"]) == systems
+    assert report["systems"]["ours_plain"][ALL]["tokens_per_s"]["median"] == 11.0
+    assert not (tmp_path / ".partial").exists()
+    calls.clear()                                              # a finished report is not reused
+    assert main(args) == 0 and calls == systems
+
+
 def samples(rate: float, accepted: tuple[int, ...] = ()) -> list[Sample]:
     """Three samples whose tok/s are rate/2, rate, 2*rate (median: rate)."""
     return [Sample(16, 16 / (rate * f), 0.1 * f, accepted) for f in (0.5, 1.0, 2.0)]

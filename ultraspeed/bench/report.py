@@ -19,6 +19,7 @@ sweep. Written as report.json, report.md and PNG charts (bench/plots.py).
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -397,6 +398,7 @@ def run_report(cfg: ReportConfig, out_dir: Path) -> dict:
                               "mean_tokens": round(statistics.mean(len(x) for x in p), 1)}
                           for d, p in prompts.items()},
               "systems": {}}
+    partial = out_dir / PARTIAL_DIR
     for name in tqdm(cfg.systems, desc="bench report", unit="system"):
         reason = missing_reason(name, model_path, drafter)
         if reason:
@@ -404,8 +406,14 @@ def run_report(cfg: ReportConfig, out_dir: Path) -> dict:
             continue
         job = SystemJob(name, cfg.model, str(drafter) if drafter else None, prompts, cfg.new_tokens, cfg.repeats,
                         cfg.threads, cfg.scale_rule, tuple(cfg.block_sizes))
+        done = load_measured(partial, job)
+        if done is not None:
+            report["systems"][name] = done
+            report.setdefault("resumed_systems", []).append(name)
+            continue
         try:
             report["systems"][name] = run_in_fresh_process(job)
+            save_measured(partial, job, report["systems"][name])
         except Exception as e:      # one broken system must not cost the others' numbers; the CLI exits 1
             report["systems"][name] = {"failed": f"{type(e).__name__}: {e}"}
     add_block_speedups(report["systems"], cfg.domains)
@@ -414,7 +422,34 @@ def run_report(cfg: ReportConfig, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     (out_dir / "report.md").write_text(format_markdown(report))
+    shutil.rmtree(partial, ignore_errors=True)     # complete: the next run measures everything afresh
     return report
+
+
+# A long report (an hour or more on a small CPU) keeps each measured system here until the report is written, so
+# a run that is interrupted resumes with the systems it has not measured yet (same job only).
+PARTIAL_DIR = ".partial"
+
+
+def _job_key(job: SystemJob) -> str:
+    return json.dumps(asdict(job), sort_keys=True)
+
+
+def save_measured(partial: Path, job: SystemJob, result: dict) -> None:
+    partial.mkdir(parents=True, exist_ok=True)
+    tmp = partial / f"{job.name}.json.tmp"
+    tmp.write_text(json.dumps({"job": _job_key(job), "result": result}))
+    tmp.replace(partial / f"{job.name}.json")
+
+
+def load_measured(partial: Path, job: SystemJob) -> dict | None:
+    """The result an interrupted run saved for exactly this job, else None."""
+    path = partial / f"{job.name}.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return saved["result"] if saved.get("job") == _job_key(job) else None
 
 
 # -- charts --------------------------------------------------------------------------------------------------
