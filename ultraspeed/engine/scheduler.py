@@ -317,7 +317,9 @@ class Engine:
             for r in requests:
                 r.id = self._next_id
                 self._next_id += 1
-                self._inbox.put(("submit", r))
+            # One command for the whole call: its requests (the n candidates) reach the waiting queue together,
+            # so they are admitted in the same round and can share one prefill.
+            self._inbox.put(("submit", list(requests)))
         return [r.id for r in requests]
 
     def cancel(self, request_id: int) -> None:
@@ -373,8 +375,9 @@ class Engine:
             while True:
                 kind, arg = command
                 if kind == "submit":
-                    self._waiting.append(arg)
-                    self._counts[arg.group][0] += 1
+                    for r in arg:
+                        self._waiting.append(r)
+                        self._counts[r.group][0] += 1
                 elif kind == "cancel":
                     self._cancel(arg)
                 elif kind == "stop":
