@@ -108,8 +108,8 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
     import torch
     from ultraspeed.loader import load_model
     from ultraspeed.models.dflash import DFlashConfig, DFlashDrafter, init_from_target, init_random, load_drafter
-    from ultraspeed.train.distill_data import DistillSpec, build_or_load
     from ultraspeed.quant.int8 import apply_weight_format
+    from ultraspeed.train.distill_data import DistillSpec, build_or_load
     from ultraspeed.train.drafter import TrainConfig, frequent_tokens, train
 
     torch.manual_seed(args.seed)

@@ -11,8 +11,9 @@ batch always occupies rows 0..b-1 and every step is one contiguous forward). Two
 
 Groups (the server's tiers) cap how many of their requests run at once; a group marked speculative uses the
 speculative lane when a drafter is loaded (else the plain lane), and a request on which the drafter does not pay
-for itself (EngineConfig.min_accepted) moves to the plain lane after a few probe steps, with the same output. A speculative request whose prompt leaves no
-room for a verify block near the end of the context runs in the plain lane instead (rows there are sized for it).
+for itself (EngineConfig.min_accepted) moves to the plain lane after a few probe steps, with the same output. A
+speculative request whose prompt leaves no room for a verify block near the end of the context runs in the plain
+lane instead (rows there are sized for it).
 
 Thread safety: `submit`, `cancel`, `stop` and the read-only `snapshot` may be called from any thread; they touch
 only a lock-protected counter and a `queue.SimpleQueue` of commands. Everything else belongs to the engine thread.

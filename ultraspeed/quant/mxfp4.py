@@ -144,8 +144,7 @@ def quantize_mxfp4(w: Tensor, scale_rule: ScaleRule = "ceil") -> tuple[Tensor, T
     candidates = [_encode(x, magnitude, special, e) for e in (low, (low + 1).clamp(max=E8M0_MAX_EXP))]
     # fp64 errors: squares of fp32 values span 2^-300..2^256, beyond fp32's range at both ends.
     exact = x.double()
-    errors = [(e2m1_lut(torch.float64, x.device)[c.long()] * e8m0_to_float(sc, torch.float64).unsqueeze(-1)
-               - exact).square().sum(-1) for c, sc in candidates]
+    errors = [(_decode(c, sc, torch.float64) - exact).square().sum(-1) for c, sc in candidates]
     higher = (errors[1] <= errors[0]) & (amax > 0)      # zero blocks keep the smallest scale, as every rule
     codes = torch.where(higher.unsqueeze(-1), candidates[1][0], candidates[0][0])
     scales = torch.where(higher, candidates[1][1], candidates[0][1])
@@ -176,10 +175,13 @@ def dequantize_mxfp4(blocks: Tensor, scales: Tensor, dtype: torch.dtype = torch.
             f"MXFP4 blocks must be [..., G, {BLOCK_SIZE // 2}] with scales [..., G]; "
             f"got blocks {tuple(blocks.shape)} and scales {tuple(scales.shape)}"
         )
-    compute = _compute_dtype(dtype)
-    values = e2m1_lut(compute, blocks.device)[unpack_nibbles(blocks).long()]  # [..., G, 32]
-    out = values * e8m0_to_float(scales, compute).unsqueeze(-1)  # a NaN scale makes its whole block NaN
-    return out.flatten(-2).to(dtype)
+    return _decode(unpack_nibbles(blocks), scales, _compute_dtype(dtype)).flatten(-2).to(dtype)
+
+
+def _decode(codes: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
+    """Codes [..., G, 32] and scale bytes [..., G] -> values [..., G, 32] in `dtype`."""
+    values = e2m1_lut(dtype, codes.device)[codes.long()]
+    return values * e8m0_to_float(scales, dtype).unsqueeze(-1)  # a NaN scale makes its whole block NaN
 
 
 class _FakeQuantizeMXFP4(torch.autograd.Function):

@@ -143,7 +143,7 @@ class Generation:
 
     # -- updates ---------------------------------------------------------------------------------------------
 
-    async def updates(self, idle_s: float, deadline: "Deadline") -> AsyncIterator[tuple[Candidate, str]]:
+    async def updates(self, idle_s: float, deadline: Deadline) -> AsyncIterator[tuple[Candidate, str]]:
         """(candidate, new text) as tokens arrive, until every candidate is done. `idle_s`: longest wait for the
         next token; `deadline`: when the whole call must end. Raises GenerationTimeout."""
         while not all(c.done for c in self.candidates):
@@ -189,7 +189,7 @@ class Generation:
         c.text += delta
         return delta
 
-    async def run_to_end(self, idle_s: float, deadline: "Deadline") -> None:
+    async def run_to_end(self, idle_s: float, deadline: Deadline) -> None:
         async for _ in self.updates(idle_s, deadline):
             pass
 
