@@ -431,6 +431,33 @@ def test_fake_quantize_forward_is_exact_and_gradient_is_identity(dtype: torch.dt
     assert same_bits(w.grad, upstream)
 
 
+def edge_case_rows(dtype: torch.dtype) -> torch.Tensor:
+    """Blocks at every magnitude the format cares about: spread Gaussians, midpoints, signed zeros, NaN/Inf,
+    values that flush to zero or saturate, as far as `dtype` can hold them."""
+    info = torch.finfo(dtype)
+    mids = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0]
+    rows = [
+        mids + [-m for m in mids] + [6.0] + [0.0] * 17,
+        [0.0] * 31 + [-0.0],
+        [1.0, float("nan")] + [0.5] * 30,
+        [float("-inf")] + [-2.0] * 31,
+        [info.tiny / 4] * 16 + [-info.tiny] * 16,                # subnormal and smallest normal
+        [info.max] + [info.max / 3] * 15 + [-info.max / 7] * 16,  # the top binade
+        [5.5] + [-3.3] * 31,                                      # amax/X where ceil gives 6X
+    ]
+    spread = spread_blocks(8, 256, seed=23, dtype=torch.float64, span=6 if dtype == torch.float16 else 40)
+    return torch.cat([torch.tensor(rows, dtype=torch.float64).repeat(1, 8), spread]).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale_rule", SCALE_RULES)
+def test_fake_quantize_is_quantize_then_dequantize_bit_for_bit(dtype: torch.dtype, scale_rule: str) -> None:
+    # The forward pass skips codes (nearest value times scale); export goes through codes and bytes.
+    w = edge_case_rows(dtype)
+    packed = dequantize_mxfp4(*quantize_mxfp4(w, scale_rule), dtype)
+    assert same_bits(fake_quantize_mxfp4(w, scale_rule), packed)
+
+
 def test_fake_quantize_without_grad_and_on_grid_values() -> None:
     blocks, scales = canonical_grid_blocks(64, seed=18)
     w = dequantize_mxfp4(blocks, scales, torch.float64).reshape(4, 512)

@@ -18,7 +18,7 @@ Decoding is unambiguous. Encoding has two free choices, fixed here:
                                           values that rounding would send to 6 anyway clip. amax/X in [3.5, 7).
     "mse":   floor's exponent or one more, whichever reconstructs the block with the smaller squared error
              (ties: the larger scale). Every other rule picks one of these two, so no block is worse than under
-             any of them; it costs a second encode. The decoder cannot tell: the format is the same.
+             any of them; it costs a second rounding. The decoder cannot tell: the format is the same.
   The exponent is then clamped to E8M0's [-127, 127]: tiny blocks flush toward zero, huge ones saturate.
   Re-encoding decoded MXFP4 with any rule gives back the same values. It gives back the same bytes when the
   block max decodes to 4X or 6X, as floor and even always leave it; ceil leaves 3X when amax/X < 3.5, and
@@ -120,34 +120,60 @@ def _round_to_e2m1_magnitude(x: Tensor) -> Tensor:
     return passed_down + passed_up
 
 
-def quantize_mxfp4(w: Tensor, scale_rule: ScaleRule = "ceil") -> tuple[Tensor, Tensor]:
-    """Encode w [..., K] (K a multiple of 32, blocks along the last dim) -> (blocks [..., K//32, 16] uint8,
-    scales [..., K//32] uint8). See the module docstring for the rounding and scale rules."""
-    check_scale_rule(scale_rule)
+def _round_to_e2m1_value(x: Tensor) -> Tensor:
+    """Nonnegative x -> the nearest E2M1 magnitude itself, the value `_round_to_e2m1_magnitude`'s code stands
+    for, without forming codes (the fast path of fake quantization and of the mse rule). The grid steps by 0.5
+    below 2, by 1 below 4 and by 2 above, and torch.round sends halves to even, which lands every midpoint on
+    the even code: 0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4. Scaling by 2, 1/2
+    and 2 is exact."""
+    return torch.where(x < 2, torch.round(x * 2) * 0.5,
+                       torch.where(x < 4, torch.round(x), (torch.round(x * 0.5) * 2).clamp_(max=6.0)))
+
+
+def _mse_exponent(magnitude: Tensor, amax: Tensor) -> Tensor:
+    """The "mse" rule's per-block exponent: floor's, or one more where that reconstructs the block at least as
+    well. Errors are measured in units of floor's scale X: s - r is exact there (s = |x|/X and its rounding r
+    lie within a factor of 2 of each other, or r = 0), and its fp64 square and sum equal the errors of the
+    decoded values up to the exact factor X^2, so the choice is that of comparing decoded errors in fp64."""
+    low = _shared_exponent(amax, "floor")
+    high = (low + 1).clamp(max=E8M0_MAX_EXP)
+    dtype = magnitude.dtype
+    scale_low = torch.exp2(low.to(dtype)).unsqueeze(-1)
+    scale_high = torch.exp2(high.to(dtype)).unsqueeze(-1)
+    scaled = magnitude / scale_low
+    errors = [(scaled - rounded).double().square().sum(-1) for rounded in (
+        _round_to_e2m1_value(scaled),
+        _round_to_e2m1_value(magnitude / scale_high) * (scale_high / scale_low))]
+    higher = (errors[1] <= errors[0]) & (amax > 0)  # zero blocks keep the smallest scale, as every rule
+    return torch.where(higher, high, low)
+
+
+def _block_exponent(magnitude: Tensor, amax: Tensor, scale_rule: str) -> Tensor:
+    return _mse_exponent(magnitude, amax) if scale_rule == "mse" else _shared_exponent(amax, scale_rule)
+
+
+def _blocks(w: Tensor, caller: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """w [..., K] -> (x [..., K//32, 32] in the compute dtype, |x|, block amax, blocks holding NaN/Inf)."""
     if not w.is_floating_point():
-        raise TypeError(f"quantize_mxfp4 needs a floating-point tensor, got {w.dtype}")
+        raise TypeError(f"{caller} needs a floating-point tensor, got {w.dtype}")
     if w.ndim == 0 or w.shape[-1] % BLOCK_SIZE:
         raise ValueError(
-            f"quantize_mxfp4 needs the last (reduction) dim to be a multiple of {BLOCK_SIZE}, "
+            f"{caller} needs the last (reduction) dim to be a multiple of {BLOCK_SIZE}, "
             f"got shape {tuple(w.shape)}"
         )
     x = w.detach().to(_compute_dtype(w.dtype)).contiguous()
     x = x.view(*x.shape[:-1], x.shape[-1] // BLOCK_SIZE, BLOCK_SIZE)
     magnitude = x.abs()
-
     amax = magnitude.amax(dim=-1)  # NaN and Inf propagate
-    special = ~torch.isfinite(amax)
-    if scale_rule != "mse":
-        codes, scales = _encode(x, magnitude, special, _shared_exponent(amax, scale_rule))
-        return pack_nibbles(codes), scales
-    low = _shared_exponent(amax, "floor")
-    candidates = [_encode(x, magnitude, special, e) for e in (low, (low + 1).clamp(max=E8M0_MAX_EXP))]
-    # fp64 errors: squares of fp32 values span 2^-300..2^256, beyond fp32's range at both ends.
-    exact = x.double()
-    errors = [(_decode(c, sc, torch.float64) - exact).square().sum(-1) for c, sc in candidates]
-    higher = (errors[1] <= errors[0]) & (amax > 0)      # zero blocks keep the smallest scale, as every rule
-    codes = torch.where(higher.unsqueeze(-1), candidates[1][0], candidates[0][0])
-    scales = torch.where(higher, candidates[1][1], candidates[0][1])
+    return x, magnitude, amax, ~torch.isfinite(amax)
+
+
+def quantize_mxfp4(w: Tensor, scale_rule: ScaleRule = "ceil") -> tuple[Tensor, Tensor]:
+    """Encode w [..., K] (K a multiple of 32, blocks along the last dim) -> (blocks [..., K//32, 16] uint8,
+    scales [..., K//32] uint8). See the module docstring for the rounding and scale rules."""
+    check_scale_rule(scale_rule)
+    x, magnitude, amax, special = _blocks(w, "quantize_mxfp4")
+    codes, scales = _encode(x, magnitude, special, _block_exponent(magnitude, amax, scale_rule))
     return pack_nibbles(codes), scales
 
 
@@ -184,6 +210,18 @@ def _decode(codes: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
     return values * e8m0_to_float(scales, dtype).unsqueeze(-1)  # a NaN scale makes its whole block NaN
 
 
+def _quantize_dequantize(w: Tensor, scale_rule: str) -> Tensor:
+    """dequantize_mxfp4(*quantize_mxfp4(w, rule), w.dtype), bit for bit, without forming codes: the nearest
+    grid value times the block scale (exact), signed like the input (so -0.0 where the code would be 8), NaN
+    blocks NaN. Training runs this on every expert weight at every step, where codes and their table lookup
+    cost several times more."""
+    check_scale_rule(scale_rule)
+    x, magnitude, amax, special = _blocks(w, "fake_quantize_mxfp4")
+    scale = torch.exp2(_block_exponent(magnitude, amax, scale_rule).to(x.dtype)).unsqueeze(-1)
+    values = torch.copysign(_round_to_e2m1_value(magnitude / scale) * scale, x)
+    return values.masked_fill_(special.unsqueeze(-1), float("nan")).flatten(-2).to(w.dtype)
+
+
 class _FakeQuantizeMXFP4(torch.autograd.Function):
     """Forward: exactly dequantize(quantize(w)). Backward: the straight-through estimator, dL/dw = dL/dQ(w).
 
@@ -193,7 +231,7 @@ class _FakeQuantizeMXFP4(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w: Tensor, scale_rule: str) -> Tensor:
-        return dequantize_mxfp4(*quantize_mxfp4(w, scale_rule), dtype=w.dtype)
+        return _quantize_dequantize(w, scale_rule)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
