@@ -441,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-n", type=int, default=16, help="largest n (candidates per prompt)")
     s.add_argument("--max-queued-per-key", type=int, default=10, help="API calls in flight per key before 429")
     s.add_argument("--session-minutes", type=float, default=30.0,
-                   help="trial session per API key, from its first call; later calls get 429 (0 = no limit)")
+                   help="trial session per API key, from its first accepted call; later calls get 429 (0 = no limit)")
     s.add_argument("--request-minutes", type=float, default=30.0, help="longest single call (0 = no limit)")
     s.add_argument("--idle-minutes", type=float, default=5.0, help="drop a stream with no tokens this long (0 = never)")
     s.add_argument("--enable-verifier", action="store_true", help="allow best-of-N `verifier` requests; they RUN "

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 
 import httpx
 import pytest
 
 from tests.server.conftest import ScriptedModel, run_server
-from ultraspeed.server.limits import LimitsConfig, bearer_token, load_api_keys
+from ultraspeed.server.limits import LimitsConfig, TrialSessions, bearer_token, load_api_keys
 
 openai = pytest.importorskip("openai")
 
@@ -117,6 +118,16 @@ def test_idle_stream_and_request_limits(tiny):
             assert 'ultraspeed_requests_total{tier="standard",outcome="timeout"} 3' in text
 
 
+def test_trial_session_starts_at_the_first_accepted_call():
+    sessions = TrialSessions(session_seconds=10)
+    assert sessions.end("key-alice") == math.inf          # refused calls only look
+    assert sessions.start("key-alice", 5.0) == 15.0
+    assert sessions.start("key-alice", 9.0) == 15.0       # later calls keep the first end
+    assert sessions.end("key-alice") == 15.0 and sessions.end("key-bob") == math.inf
+    assert sessions.start(None, 5.0) == math.inf          # an open server has no sessions
+    assert TrialSessions(session_seconds=0).start("key-alice", 5.0) == math.inf
+
+
 def test_trial_session_per_key(tiny):
     """A key's session runs from its first call: a call still streaming when it ends is cut, later calls get
     429 trial_session_expired (no Retry-After: waiting does not help), and another key's session is its own."""
@@ -124,6 +135,8 @@ def test_trial_session_per_key(tiny):
     limits = LimitsConfig(api_keys=KEYS, session_seconds=1.2, request_seconds=60)
     with run_server(model, tiny.tokenizer, limits=limits) as running:
         with httpx.Client(base_url=running.url, timeout=30) as http:
+            refused = http.post("/v1/chat/completions", json={**CHAT, "n": 99}, headers=auth("key-bob"))
+            assert refused.status_code == 400                 # ... and does not start bob's session
             with http.stream("POST", "/v1/chat/completions", json={**CHAT, "max_tokens": 230},
                              headers=auth("key-alice")) as first:
                 assert first.status_code == 200

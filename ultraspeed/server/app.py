@@ -277,9 +277,7 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(503, "the server is shutting down", code="shutting_down")
 
         key = request.scope.get("state", {}).get("api_key")
-        now = time.perf_counter()
-        session_end = state.sessions.end(key, now)
-        if now >= session_end:
+        if time.perf_counter() >= state.sessions.end(key):
             state.metrics.rejected(tier.name, "session_expired")
             raise APIError(429, f"the trial session of this API key has ended (sessions last "
                                 f"{cfg.limits.session_seconds / 60:g} minutes from the first call)",
@@ -301,6 +299,8 @@ def create_app(state: ServerState) -> FastAPI:
         except UltraSpeedError as e:
             state.quota.release(key)
             raise APIError(400, str(e), param=prompt_param) from e
+
+        session_end = state.sessions.start(key, gen.arrived)
 
         def finish() -> None:
             gen.close()

@@ -4,7 +4,7 @@
   keys configured the server is open and the per-key quota does not apply (a local server needs neither).
 - A key may have `max_queued_per_key` API calls in flight (queued or running; a call with n candidates counts
   once); the next one gets 429 with Retry-After.
-- A key's trial session lasts `session_seconds` from its first call: calls after that get 429
+- A key's trial session lasts `session_seconds` from its first accepted call: calls after that get 429
   (`trial_session_expired`), and calls still running when it ends are cut (the stream ends with an error event).
   Any one call lasts at most `request_seconds` (keys or not), and a streaming connection that received no token for
   `idle_seconds` (stuck in the queue, or a stalled engine) is closed the same way. Zero disables a limit.
@@ -85,16 +85,21 @@ class KeyQuota:
 
 
 class TrialSessions:
-    """When each API key's trial session ends: `session_seconds` after its first call. Event loop only, no lock.
-    Sessions live as long as the server (a restart starts every key afresh)."""
+    """When each API key's trial session ends: `session_seconds` after its first accepted call (a call refused
+    for bad input, quota or load does not start it). Event loop only, no lock. Sessions live as long as the
+    server (a restart starts every key afresh)."""
 
     def __init__(self, session_seconds: float) -> None:
         self.session_seconds = session_seconds
         self._ends: dict[str, float] = {}
 
-    def end(self, key: str | None, now: float) -> float:
-        """The key's session end (perf_counter time), starting its session if this is its first call; inf for
-        an open server (no key) or no limit."""
+    def end(self, key: str | None) -> float:
+        """The key's session end (perf_counter time); inf before its first accepted call, for an open server
+        (no key) or with no limit."""
+        return math.inf if key is None else self._ends.get(key, math.inf)
+
+    def start(self, key: str | None, now: float) -> float:
+        """Start the key's session at its first accepted call (later calls keep the first end); its end."""
         if key is None or self.session_seconds <= 0:
             return math.inf
         return self._ends.setdefault(key, now + self.session_seconds)
