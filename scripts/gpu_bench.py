@@ -431,7 +431,10 @@ class Case:
 
 
 def run_case(case: Case, batches: list[int], context: int, steps: int, profile_steps: int, backend_name: str,
-             copy_bps: float, dynamic_baseline: bool, graph_modes: tuple[bool, ...] = (False, True)) -> list[dict]:
+             copy_bps: float, dynamic_baseline: bool, graph_modes: tuple[bool, ...] = (False, True),
+             rows: list[dict] | None = None, notes: list[str] | None = None) -> list[dict]:
+    """Rows go into `rows` as they are measured (so a later failure keeps them). With `notes`, a measurement
+    that fails (a graph capture, say) is noted there and the others still run; without, it raises."""
     from ultraspeed.engine.speculative import new_draft_cache
     from ultraspeed.runtime.backend import choose_backend
     from ultraspeed.runtime.graphs import CapturedStep, load_rows
@@ -441,11 +444,12 @@ def run_case(case: Case, batches: list[int], context: int, steps: int, profile_s
     device = model.embed_tokens.weight.device
     backend = choose_backend(device, backend_name)
     B = drafter.config.block_size
-    rows = []
+    rows = [] if rows is None else rows
     budget = (steps + profile_steps + 8) * B + 2 * B
     max_len = min(model.config.max_position, context + budget)
     if context + budget > max_len:
-        raise SystemExit(f"--context {context} leaves too little room in the model's {max_len} positions")
+        # Not SystemExit: main catches Exception per case, so the other case and the report survive.
+        raise ValueError(f"--context {context} leaves too little room in the model's {max_len} positions")
     e_bytes = expert_bytes(model)
     target_dense = dense_weight_bytes(model)
     drafter_dense = dense_weight_bytes(drafter) + draft_head_bytes(drafter, model)
@@ -476,30 +480,37 @@ def run_case(case: Case, batches: list[int], context: int, steps: int, profile_s
                 return out[0].cpu()
 
             for graph in graph_modes:
-                load_rows(step, tokens, lengths)
-                run = CapturedStep(step, enabled=graph) if graph else step.step
-                for _ in range(3):
-                    readback(run())
-                load_rows(step, tokens, lengths)
-                times = time_steps(run, readback, steps)
-                accepted = []
-                if mode == "speculative":
+                try:
                     load_rows(step, tokens, lengths)
-                    for _ in range(min(steps, 8)):
-                        result = readback(run())
-                        accepted += [int(a) + 1 for a in result[:, 0]]
-                load_rows(step, tokens, lengths)
-                gaps = profile_gaps(run, readback, profile_steps)
-                step_s = statistics.median(times)
-                tokens_per_step = statistics.mean(accepted) if accepted else 1.0
-                rows.append({
-                    "case": case.name, "batch": b, "mode": mode, "graph": graph, "step_ms": 1e3 * step_s,
-                    "step_ms_min": 1e3 * min(times), "tokens_per_step": tokens_per_step,
-                    "tokens_per_s": b * tokens_per_step / step_s, "bytes_per_step": bytes_.total,
-                    "bytes": bytes_.__dict__, "active_experts": active,
-                    "achieved_gbps": bytes_.total / step_s / 1e9,
-                    "bw_fraction": bandwidth_fraction(bytes_.total, step_s, copy_bps), **gaps})
-                print(summary_table(rows[-1:]).splitlines()[-1], flush=True)
+                    run = CapturedStep(step, enabled=graph) if graph else step.step
+                    for _ in range(3):
+                        readback(run())
+                    load_rows(step, tokens, lengths)
+                    times = time_steps(run, readback, steps)
+                    accepted = []
+                    if mode == "speculative":
+                        load_rows(step, tokens, lengths)
+                        for _ in range(min(steps, 8)):
+                            result = readback(run())
+                            accepted += [int(a) + 1 for a in result[:, 0]]
+                    load_rows(step, tokens, lengths)
+                    gaps = profile_gaps(run, readback, profile_steps)
+                    step_s = statistics.median(times)
+                    tokens_per_step = statistics.mean(accepted) if accepted else 1.0
+                    rows.append({
+                        "case": case.name, "batch": b, "mode": mode, "graph": graph, "step_ms": 1e3 * step_s,
+                        "step_ms_min": 1e3 * min(times), "tokens_per_step": tokens_per_step,
+                        "tokens_per_s": b * tokens_per_step / step_s, "bytes_per_step": bytes_.total,
+                        "bytes": bytes_.__dict__, "active_experts": active,
+                        "achieved_gbps": bytes_.total / step_s / 1e9,
+                        "bw_fraction": bandwidth_fraction(bytes_.total, step_s, copy_bps), **gaps})
+                    print(summary_table(rows[-1:]).splitlines()[-1], flush=True)
+                except Exception as error:      # keep measuring the other modes and batches
+                    if notes is None:
+                        raise
+                    traceback.print_exc()
+                    notes.append(f"{case.name}, batch {b}, {mode}, graph {graph}: FAILED: {type(error).__name__}: "
+                                 f"{str(error)[:300]}")
         if dynamic_baseline:
             rows.append(dynamic_row(case, model, cache, b, tokens, context, steps, profile_steps, target_dense,
                                     kv_target, copy_bps))
@@ -654,18 +665,31 @@ def main(argv: list[str] | None = None) -> int:
         try:
             checks += checks_for(case, args.backend)
         except Exception as error:      # a failed check is a result to report, not a reason to lose the timings
+            traceback.print_exc()
             checks.append({"name": f"{case.name}: checks", "result": f"FAILED: {type(error).__name__}: {error}"})
         print("\n".join(f"  {c['name']}: {c['result']}" for c in checks[-3:]), flush=True)
-        try:
-            rows += run_case(case, args.batch, args.context, args.steps, args.profile_steps, args.backend, copy_bps,
-                             dynamic_baseline=not case.model.config.is_moe)
+        try:                            # rows measured before a failure stay in `rows`
+            run_case(case, args.batch, args.context, args.steps, args.profile_steps, args.backend, copy_bps,
+                     dynamic_baseline=not case.model.config.is_moe, rows=rows, notes=notes)
         except Exception as error:      # keep the other case's numbers; the report says what failed
             traceback.print_exc()
             notes.append(f"{case.name}: timing FAILED: {type(error).__name__}: {str(error)[:300]}")
         del case
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.empty_cache()
+        except RuntimeError:            # a sticky CUDA error: the report below must still be written
+            traceback.print_exc()
+        # After every case, so that a run cut off by the device's time limit still leaves the cases it finished.
+        write_reports(args.output_dir, date, meta, rows, checks)
+    write_reports(args.output_dir, date, meta, rows, checks)     # also when no case could be built
+    print(summary_table(rows))
+    return 0
+
+
+def write_reports(output_dir: Path, date: str, meta: dict, rows: list[dict], checks: list[dict]) -> None:
+    """docs/gpu_bench_<date>.md and .json, and the same under $OUT when set (the device machine keeps nothing)."""
     text = render_markdown(meta, rows, checks)
-    targets = [args.output_dir] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
+    targets = [output_dir] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
     for directory in targets:
         directory.mkdir(parents=True, exist_ok=True)
         path = report_path(directory, date)
@@ -673,8 +697,6 @@ def main(argv: list[str] | None = None) -> int:
         path.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "checks": checks}, indent=1,
                                                         default=str))
         print(f"wrote {path}", flush=True)
-    print(summary_table(rows))
-    return 0
 
 
 if __name__ == "__main__":

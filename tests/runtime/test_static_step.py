@@ -198,6 +198,32 @@ def test_oracle_drafts_accepted_and_output_unchanged(models, arch):
     assert stats["steps"] < n_new / 2
 
 
+class SplitOracleStep(OracleStep):
+    """Row 0 always drafts the true continuation (a whole block per step); the other rows always miss their
+    first slot (one token per step), so row 0 runs far ahead while they catch up."""
+
+    def draft(self):
+        B = self.block_size
+        index = (self.lengths - self.prompt_lens).view(-1, 1) + 1 + torch.arange(B - 1).view(1, -1)
+        drafts = self.truth.gather(1, index).clone()
+        drafts[1:, 0] = (drafts[1:, 0] + 1) % self.target.config.vocab_size
+        return drafts
+
+
+def test_a_row_far_ahead_of_the_others_fits_in_the_cache(models):
+    target = models("qwen3")
+    B, n_new = 4, 8
+    truth = greedy(target, PROMPTS, (n_new + 1) * B)
+    SplitOracleStep.truth = torch.tensor(truth)
+    SplitOracleStep.prompt_lens = torch.tensor([len(p) for p in PROMPTS])
+    stats = {}
+    got = speculative_greedy(target, make_drafter(target, B), PROMPTS, n_new, step_class=SplitOracleStep,
+                             stats=stats)
+    assert got == [t[:n_new] for t in truth]
+    assert [step[0] for step in stats["accepted"]] == [B] * (n_new - 1)   # row 0: (n_new - 1) * B tokens
+    assert all(a == 1 for step in stats["accepted"] for a in step[1:])
+
+
 @pytest.mark.parametrize("kw", [dict(window=3), dict(causal_in_block=True), dict(window=4, causal_in_block=True)])
 def test_windowed_and_causal_drafters(models, kw):
     """The static draft mask equals DFlash's block_mask: same drafts as the dynamic drafter, same output."""

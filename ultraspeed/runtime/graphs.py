@@ -9,7 +9,8 @@ and from then on only replays it: one launch per step, no gaps between kernels f
 pool; a batch of n rows runs in the smallest bucket >= n, with rows n.. padded (see `load_rows`).
 
 Capture when the step's state buffers hold valid lengths (zeros before any sequence, or the live lengths): the
-warm-up runs write KV entries at positions >= lengths, which are not committed, and the state is restored after.
+warm-up runs (each from the same state) write KV entries only where the first real step will, at positions >=
+lengths, which are not committed, and the state is restored after.
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ class CapturedStep:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(warmup):
+                # Every warm-up run starts from the saved state, so it writes KV only at the positions the first
+                # real step writes (and overwrites). Chained runs would write `warmup` steps past the lengths,
+                # out of bounds of a cache sized for the real steps only (a device-side assert on CUDA).
+                for t, s in zip(self.step.state(), saved):
+                    t.copy_(s)
                 self.step.step()
         torch.cuda.current_stream().wait_stream(side)
         for t, s in zip(self.step.state(), saved):

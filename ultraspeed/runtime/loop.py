@@ -59,7 +59,9 @@ def speculative_greedy(target: Decoder, drafter: DFlashDrafter, prompts: list[li
     """max_new greedy tokens per prompt by DFlash speculative decoding, all rows in one static step.
     `stats` (if given) gets "steps" and "accepted" (tokens committed per row per step)."""
     n, B = len(prompts), drafter.config.block_size
-    max_len = max(len(p) for p in prompts) + max_new + 2 * B + 1
+    # Every row advances at every step until the slowest has max_new tokens, so a row the drafter suits may
+    # commit B tokens at each of up to max_new - 1 steps, and a step writes a whole block past its length.
+    max_len = max(len(p) for p in prompts) + max_new * B + 1
     cache = target.new_cache(n, max_len)
     draft_cache = new_draft_cache(drafter, n, max_len)
     logits, features = prefill_rows(target, cache, prompts, drafter.config.target_layer_ids)
