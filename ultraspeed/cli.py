@@ -226,7 +226,8 @@ def cmd_bench_acceptance(args: argparse.Namespace) -> int:
     if path is None:
         raise UltraSpeedError("no drafter: pass --drafter PATH (only the default model ships with one)")
     cfg = AcceptanceConfig(domains=tuple(args.domains), block_sizes=tuple(args.block_sizes),
-                           prompts_per_domain=args.prompts, max_tokens=args.max_tokens, threads=args.threads)
+                           prompts_per_domain=args.prompts, max_tokens=args.max_tokens, threads=args.threads,
+                           weights=args.weights, split=args.split)
     report = run_acceptance_bench(load_model(args.model), load_drafter(path), cfg)
     report["drafter_path"] = str(path)
     emit_report(report, args, format_table(report))
@@ -468,8 +469,13 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--drafter", default=None)
     ba.add_argument("--domains", nargs="+", default=["code", "math", "chat", "agent"])
     ba.add_argument("--block-sizes", type=int, nargs="+", default=[8, 16])
-    ba.add_argument("--prompts", type=int, default=4, help="held-out prompts per domain")
+    ba.add_argument("--prompts", type=int, default=4, help="prompts per domain")
     ba.add_argument("--max-tokens", type=int, default=128)
+    ba.add_argument("--split", choices=["eval", "train"], default="eval",
+                    help="eval: held-out prompts (default); train: the drafter's training prompts (to see how much "
+                    "of its acceptance is memorised)")
+    ba.add_argument("--weights", choices=["auto", "fp32", "int8"], default="auto",
+                    help="dense weight format of the target (auto: int8 on a CPU, as generate serves)")
     ba.set_defaults(func=cmd_bench_acceptance)
     from ultraspeed.bench.report import DOMAINS as REPORT_DOMAINS, SYSTEMS as REPORT_SYSTEMS
     br = bench_sub.add_parser("report", help="proof of speed: ours (plain, MXFP4, DFlash, both) vs HF transformers "

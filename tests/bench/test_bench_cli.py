@@ -36,3 +36,33 @@ def test_bench_acceptance_json(capsys, tmp_path):
         assert steps > 0
         assert r["mean_accepted"] == pytest.approx(sum(k * v for k, v in hist.items()) / steps, abs=1e-3)
         assert r["speedup_vs_plain"] > 0
+
+
+def test_bench_acceptance_split_train_measures_the_training_prompts(capsys, tmp_path, monkeypatch):
+    import ultraspeed.bench.acceptance as acceptance
+    from ultraspeed.train.prompts import domain_prompts
+    asked = []
+
+    def recording(domain, split, count):
+        asked.append((domain, split))
+        return domain_prompts(domain, split, count)
+
+    monkeypatch.setattr(acceptance, "domain_prompts", recording)
+    loaded = load_model("default")
+    drafter = DFlashDrafter(DFlashConfig.for_target(loaded.config, num_layers=1, num_features=2, block_size=4))
+    init_random(drafter)
+    path = tmp_path / "d.safetensors"
+    save_drafter(drafter, path)
+    assert main(["bench", "acceptance", "--drafter", str(path), "--domains", "math", "--block-sizes", "4",
+                 "--prompts", "1", "--max-tokens", "3", "--threads", "1", "--split", "train", "--weights", "fp32",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert asked == [("math", "train")]
+    assert report["split"] == "train" and report["weights"] == "checkpoint"
+    assert domain_prompts("math", "train", 1) != domain_prompts("math", "eval", 1)
+
+
+def test_acceptance_config_rejects_an_unknown_split():
+    from ultraspeed.bench.acceptance import AcceptanceConfig
+    with pytest.raises(ValueError, match="split"):
+        AcceptanceConfig(split="test")
