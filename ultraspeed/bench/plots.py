@@ -24,6 +24,11 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _legend_below(fig, entries: int) -> None:
+    # Below the axes, not on them: a legend inside hides the tallest bars or lines, which are the ones read first.
+    fig.legend(loc="outside lower center", ncols=min(4, max(1, entries)), fontsize="small", frameon=False)
+
+
 def grouped_bars(values: dict[str, dict[str, float]], path: Path, title: str, ylabel: str,
                  xlabel: str = "") -> Path:
     """values[series][group] -> one bar per series inside each group (groups in first-seen order)."""
@@ -36,7 +41,7 @@ def grouped_bars(values: dict[str, dict[str, float]], path: Path, title: str, yl
     ax.set_xticks(range(len(groups)), groups)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize="small", ncols=2)
+    _legend_below(fig, len(values))
     return _save(fig, path)
 
 
@@ -53,7 +58,7 @@ def lines(series: dict[str, dict[int, float]], path: Path, title: str, xlabel: s
     ax.set_xticks(xticks, [str(x) for x in xticks])
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", ncols=2)
+    _legend_below(fig, len(series))
     return _save(fig, path)
 
 

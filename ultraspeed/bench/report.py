@@ -45,7 +45,9 @@ PROMPT_SOURCES = {"code": "HumanEval tasks 120-163", "math": "word problems, eva
                   "evaluation seed"}
 CHARTS = {"tokens_per_s": "tokens_per_s.png", "accepted_by_block": "accepted_by_block.png",
           "speedup_by_block": "speedup_by_block.png", "accepted_histogram": "accepted_histogram.png"}
-GPU_NOTE = "GPU mode: run scripts on a CUDA device; not measured here."
+GPU_NOTE = ("GPU mode: `python scripts/gpu_bench.py` on a CUDA machine (step time by block size, MXFP4 vs bf16 "
+            "experts on a Qwen3-30B-A3B shape, bandwidth, projected tok/s) writes docs/gpu_bench_<date>.md; "
+            "not measured on this machine.")
 
 
 @dataclass(frozen=True)
