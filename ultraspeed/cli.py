@@ -114,9 +114,6 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     loaded = load_model(args.model)
-    # Distil from the target exactly as it will be served (int8 on a CPU by default): the drafter then learns
-    # the served model's tokens and features, not those of a precision nobody decodes with.
-    weights = apply_weight_format(loaded.model, args.weights)
     out = Path(args.out)
     existing = out / "drafter.safetensors"
     if existing.exists() and (out / "checkpoint.pt").exists():
@@ -133,7 +130,10 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
                                          draft_vocab_size=min(args.draft_vocab, loaded.config.vocab_size))
         drafter = DFlashDrafter(config)
         init_random(drafter, args.seed)
-        init_from_target(drafter, loaded.model)
+        init_from_target(drafter, loaded.model)     # before the swap below: it copies the target's dense weights
+    # Distil from the target exactly as it will be served (int8 on a CPU by default): the drafter then learns
+    # the served model's tokens and features, not those of a precision nobody decodes with.
+    weights = apply_weight_format(loaded.model, args.weights)
     counts = tuple((d, n) for d, n in zip(("code", "math", "chat", "agent"), args.prompts))
     spec = DistillSpec(counts=counts, max_new_tokens=args.max_new_tokens,
                        target_layer_ids=drafter.config.target_layer_ids, model=str(args.model), weights=weights)
