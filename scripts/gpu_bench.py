@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from ultraspeed.bench.acceptance import GOALS as ACCEPTANCE_GOALS  # noqa: E402
 from ultraspeed.config import ModelConfig, RopeConfig  # noqa: E402
 from ultraspeed.models.decoder import Decoder  # noqa: E402
 from ultraspeed.models.dflash import DFlashConfig, DFlashDrafter  # noqa: E402
@@ -185,11 +186,10 @@ def step_bytes(fp: Footprint, active_experts: int, batch: int, context: int, new
                speculative: bool) -> StepBytes:
     """The fewest bytes of one step: plain reads the target once; a speculative step also reads the drafter
     and its cache, and writes the block's target K/V plus the drafter's context and block K/V."""
-    draft = speculative
-    return StepBytes(dense_weights=fp.target_dense + (fp.drafter_dense if draft else 0),
+    return StepBytes(dense_weights=fp.target_dense + (fp.drafter_dense if speculative else 0),
                      expert_weights=active_experts * fp.expert,
-                     kv_read=batch * context * (fp.kv_target + (fp.kv_draft if draft else 0)),
-                     kv_write=batch * new_tokens * (fp.kv_target + (2 * fp.kv_draft if draft else 0)))
+                     kv_read=batch * context * (fp.kv_target + (fp.kv_draft if speculative else 0)),
+                     kv_write=batch * new_tokens * (fp.kv_target + (2 * fp.kv_draft if speculative else 0)))
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -509,12 +509,24 @@ class Case:
     rows: list[dict] = field(default_factory=list)
 
 
+def random_start(case: Case, batch: int, context: int, max_len: int) -> tuple[Any, Any, list[int], list[int]]:
+    """Target and drafter caches of `batch` rows with random K/V (never time on zeros), random anchor tokens and
+    `context` committed tokens per row: (cache, draft_cache, tokens, lengths)."""
+    from ultraspeed.engine.speculative import new_draft_cache
+    cache = case.model.new_cache(batch, max_len)
+    fill_random_(cache.keys + cache.values, seed=batch)
+    draft_cache = new_draft_cache(case.drafter, batch, max_len)
+    fill_random_(draft_cache.keys + draft_cache.values, seed=batch + 1)
+    g = torch.Generator().manual_seed(batch)
+    tokens = torch.randint(0, case.model.config.vocab_size, (batch,), generator=g).tolist()
+    return cache, draft_cache, tokens, [context] * batch
+
+
 def run_case(case: Case, batches: list[int], context: int, steps: int, profile_steps: int, backend_name: str,
              copy_bps: float, dynamic_baseline: bool, graph_modes: tuple[bool, ...] = (False, True),
              rows: list[dict] | None = None, notes: list[str] | None = None) -> list[dict]:
     """Rows go into `rows` as they are measured (so a later failure keeps them). With `notes`, a measurement
     that fails (a graph capture, say) is noted there and the others still run; without, it raises."""
-    from ultraspeed.engine.speculative import new_draft_cache
     from ultraspeed.runtime.backend import choose_backend
     from ultraspeed.runtime.graphs import CapturedStep, load_rows
     from ultraspeed.runtime.static_step import DecodeStep, SpeculativeStep
@@ -531,13 +543,7 @@ def run_case(case: Case, batches: list[int], context: int, steps: int, profile_s
         raise ValueError(f"--context {context} leaves too little room in the model's {max_len} positions")
     target_dense = dense_weight_bytes(model)
     for b in batches:
-        cache = model.new_cache(b, max_len)
-        fill_random_(cache.keys + cache.values, seed=b)
-        draft_cache = new_draft_cache(drafter, b, max_len)
-        fill_random_(draft_cache.keys + draft_cache.values, seed=b + 1)
-        g = torch.Generator().manual_seed(b)
-        tokens = torch.randint(0, model.config.vocab_size, (b,), generator=g).tolist()
-        lengths = [context] * b
+        cache, draft_cache, tokens, lengths = random_start(case, b, context, max_len)
         fp = footprint(model, drafter, cache, draft_cache)
 
         modes: list[tuple[str, Any]] = [("plain", DecodeStep(model, cache, b, backend)),
@@ -625,7 +631,6 @@ def block_sweep(case: Case, batch: int, blocks: list[int], context: int, steps: 
     """What a block costs: step time as the block grows. Block 1 is a plain decode step (one token per row);
     block T > 1 one DFlash step (draft T-1 tokens, verify T, accept). Acceptance decides how many tokens a step
     commits; this measures what the step costs, so that the two multiply into tokens per second (project())."""
-    from ultraspeed.engine.speculative import new_draft_cache
     from ultraspeed.models.dflash import with_block_size
     from ultraspeed.runtime.backend import choose_backend
     from ultraspeed.runtime.graphs import CapturedStep, load_rows
@@ -634,16 +639,13 @@ def block_sweep(case: Case, batch: int, blocks: list[int], context: int, steps: 
     model = case.model
     backend = choose_backend(model.embed_tokens.weight.device, backend_name)
     rows = [] if rows is None else rows
-    max_len = min(model.config.max_position, context + (steps + 8) * (max(blocks) + 1))
-    if max_len - context < (steps + 8) * (max(blocks) + 1):
+    budget = (steps + 8) * (max(blocks) + 1)         # room for every warm-up and timed step to commit a block
+    max_len = min(model.config.max_position, context + budget)
+    if context + budget > max_len:
         raise ValueError(f"--context {context} leaves too little room in the model's {max_len} positions")
-    cache = model.new_cache(batch, max_len)
-    fill_random_(cache.keys + cache.values, seed=batch)
-    draft_cache = new_draft_cache(case.drafter, batch, max_len)     # its shape does not depend on the block
-    fill_random_(draft_cache.keys + draft_cache.values, seed=batch + 1)
+    # One draft cache serves every block: its shape does not depend on the block size.
+    cache, draft_cache, tokens, lengths = random_start(case, batch, context, max_len)
     fp = footprint(model, case.drafter, cache, draft_cache)
-    tokens = torch.randint(0, model.config.vocab_size, (batch,), generator=torch.Generator().manual_seed(batch))
-    tokens, lengths = tokens.tolist(), [context] * batch
 
     def readback(out):
         return out[0].cpu()
@@ -673,9 +675,9 @@ def block_sweep(case: Case, batch: int, blocks: list[int], context: int, steps: 
     return rows
 
 
-# MiMo-V2.5-Pro's published greedy accepted lengths at block 8 (../shared/research/DFLASH.md): what this runtime
+# MiMo-V2.5-Pro's published greedy accepted lengths at block 8 (bench acceptance's goals): what this runtime
 # would deliver with a drafter of that quality, beside what our own drafter measured.
-PUBLISHED_ACCEPTED = {"code": {8: 6.3}, "math": {8: 5.5}, "agent": {8: 4.3}}
+PUBLISHED_ACCEPTED = {domain: {8: accepted} for domain, accepted in ACCEPTANCE_GOALS.items()}
 
 
 def load_acceptance(path: Path) -> dict[str, dict[int, float]]:
