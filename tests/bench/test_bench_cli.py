@@ -20,12 +20,19 @@ def test_bench_speed_json(capsys, tmp_path):
     assert report["machine"]["cores"] >= 1 and "cpu" in report["machine"]
 
 
-def test_bench_acceptance_json(capsys, tmp_path):
+def random_drafter_file(directory, block_size: int):
+    """A 1-layer random drafter for the default model, saved: the benchmarks run it, nobody judges its drafts."""
     loaded = load_model("default")
-    drafter = DFlashDrafter(DFlashConfig.for_target(loaded.config, num_layers=1, num_features=2, block_size=8))
+    drafter = DFlashDrafter(DFlashConfig.for_target(loaded.config, num_layers=1, num_features=2,
+                                                    block_size=block_size))
     init_random(drafter)
-    path = tmp_path / "d.safetensors"
+    path = directory / "d.safetensors"
     save_drafter(drafter, path)
+    return path
+
+
+def test_bench_acceptance_json(capsys, tmp_path):
+    path = random_drafter_file(tmp_path, block_size=8)
     assert main(["bench", "acceptance", "--drafter", str(path), "--domains", "math", "--block-sizes", "4", "8",
                  "--prompts", "1", "--max-tokens", "6", "--threads", "1", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -48,11 +55,7 @@ def test_bench_acceptance_split_train_measures_the_training_prompts(capsys, tmp_
         return domain_prompts(domain, split, count)
 
     monkeypatch.setattr(acceptance, "domain_prompts", recording)
-    loaded = load_model("default")
-    drafter = DFlashDrafter(DFlashConfig.for_target(loaded.config, num_layers=1, num_features=2, block_size=4))
-    init_random(drafter)
-    path = tmp_path / "d.safetensors"
-    save_drafter(drafter, path)
+    path = random_drafter_file(tmp_path, block_size=4)
     assert main(["bench", "acceptance", "--drafter", str(path), "--domains", "math", "--block-sizes", "4",
                  "--prompts", "1", "--max-tokens", "3", "--threads", "1", "--split", "train", "--weights", "fp32",
                  "--json"]) == 0
