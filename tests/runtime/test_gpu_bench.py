@@ -5,6 +5,7 @@ on the CPU (eager only, torch backend, no profiler timeline)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -106,11 +107,11 @@ def test_report_rendering(gb, tmp_path):
     assert table.splitlines()[1].split() == ["m", "1", "plain", "yes", "1.250", "0.050", "4.0", "50.0"]
 
 
-def tiny_moe(gb, layers=6):
+def tiny_moe(gb, layers=6, dtype=torch.float32, mxfp4_experts=True):
     config = gb.qwen3_30b_a3b_config(layers).replace(
         vocab_size=256, hidden_size=64, intermediate_size=96, num_heads=4, num_kv_heads=2, head_dim=16,
         num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, max_position=512)
-    return gb.random_decoder(config, "cpu", torch.float32)
+    return gb.random_decoder(config, "cpu", dtype, mxfp4_experts=mxfp4_experts)
 
 
 def test_random_models(gb):
@@ -180,10 +181,7 @@ def test_step_bytes_adds_the_drafter_only_to_speculative_steps(gb):
 
 
 def test_bf16_experts_and_format_flags(gb):
-    config = gb.qwen3_30b_a3b_config(2).replace(
-        vocab_size=256, hidden_size=64, intermediate_size=96, num_heads=4, num_kv_heads=2, head_dim=16,
-        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, max_position=512)
-    dense = gb.random_decoder(config, "cpu", torch.bfloat16, mxfp4_experts=False)
+    dense = tiny_moe(gb, layers=2, dtype=torch.bfloat16, mxfp4_experts=False)
     assert not isinstance(dense.layers[0].mlp.experts, MXFP4Experts)
     assert gb.expert_bytes(dense) == (64 * 64 + 64 * 32) * 2        # bf16: 16/4.25 of the MXFP4 expert
     assert gb.parse_formats("mxfp4, bf16") == ["mxfp4", "bf16"]
@@ -225,7 +223,7 @@ def test_load_acceptance_reads_a_bench_acceptance_report(gb, tmp_path):
     report = {"bench": "acceptance", "results": {"code": {"blocks": {"8": {"mean_accepted": 1.5},
                                                                      "16": {"mean_accepted": 1.75}}}}}
     path = tmp_path / "a.json"
-    path.write_text(__import__("json").dumps(report))
+    path.write_text(json.dumps(report))
     assert gb.load_acceptance(path) == {"code": {8: 1.5, 16: 1.75}}
     path.write_text('{"bench": "speed"}')
     with pytest.raises(ValueError, match="not an `ultraspeed bench acceptance` report"):
