@@ -25,6 +25,28 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible outputs)")
 
 
+def min_accepted_arg(text: str) -> float | None:
+    """--min-accepted: a number of tokens per step, or 'auto' (None: the measured break-even)."""
+    if text == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', not {text!r}") from None
+
+
+def min_accepted_for(args: argparse.Namespace, adaptive: bool) -> float | None:
+    """'auto' needs step costs, which only adaptive verification measures; whole blocks keep the old rule of 2."""
+    return 2.0 if args.min_accepted is None and not adaptive else args.min_accepted
+
+
+def add_verify_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verify", choices=["adaptive", "full"], default="adaptive",
+                   help="adaptive (default): verify only the drafts worth their time, from step costs timed at "
+                        "start-up (a CPU verifies fewer, a GPU whole blocks); full: always the whole block. "
+                        "The output is the same")
+
+
 def add_parallel_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks: attention heads and dense MLPs split "
                    "over them (launch with torchrun; docs/parallelism.md)")
@@ -70,6 +92,7 @@ def _generate(args: argparse.Namespace, loaded: LoadedModel, env: DistEnv | None
     drafter_path = None if args.no_spec else drafter_for(args.model, args.drafter)
     if drafter_path is not None:
         from ultraspeed.engine.speculative import generate_speculative
+        from ultraspeed.engine.verify_length import measure_step_cost
         from ultraspeed.models.dflash import load_drafter
         drafter = load_drafter(drafter_path)
         match_drafter_weights(drafter, weights)
@@ -78,8 +101,11 @@ def _generate(args: argparse.Namespace, loaded: LoadedModel, env: DistEnv | None
         if args.block_size:
             from ultraspeed.models.dflash import with_block_size
             drafter = with_block_size(drafter, args.block_size)
+        # Sharded ranks time differently and would choose different verify lengths: they verify whole blocks.
+        step_cost = measure_step_cost(loaded.model, drafter) if args.verify == "adaptive" and env is None else None
         tokens = generate_speculative(loaded.model, drafter, prompt_ids, params, tok.stop_token_ids, stats=stats,
-                                      min_accepted=args.min_accepted)
+                                      min_accepted=min_accepted_for(args, step_cost is not None),
+                                      step_cost=step_cost)
     else:
         tokens = generate_plain(loaded.model, prompt_ids, params, tok.stop_token_ids, stats=stats)
     for new_ids in tokens:
@@ -227,7 +253,7 @@ def cmd_bench_acceptance(args: argparse.Namespace) -> int:
         raise UltraSpeedError("no drafter: pass --drafter PATH (only the default model ships with one)")
     cfg = AcceptanceConfig(domains=tuple(args.domains), block_sizes=tuple(args.block_sizes),
                            prompts_per_domain=args.prompts, max_tokens=args.max_tokens, threads=args.threads,
-                           weights=args.weights, split=args.split)
+                           weights=args.weights, split=args.split, adaptive=args.verify == "adaptive")
     report = run_acceptance_bench(load_model(args.model), load_drafter(path), cfg)
     report["drafter_path"] = str(path)
     emit_report(report, args, format_table(report))
@@ -239,7 +265,8 @@ def cmd_bench_report(args: argparse.Namespace) -> int:
     from ultraspeed.bench.report import ReportConfig, failed_systems, quick, run_report
     cfg = ReportConfig(model=args.model, drafter=args.drafter, systems=tuple(args.systems),
                        domains=tuple(args.domains), prompts_per_domain=args.prompts, new_tokens=args.new_tokens,
-                       repeats=args.repeats, block_sizes=tuple(args.block_sizes), threads=args.threads)
+                       repeats=args.repeats, block_sizes=tuple(args.block_sizes), threads=args.threads,
+                       verify=args.verify)
     report = run_report(quick(cfg) if args.quick else cfg, Path(args.out_dir))
     print(json.dumps(report, indent=2) if args.json else (Path(args.out_dir) / "report.md").read_text())
     failed = failed_systems(report)
@@ -347,7 +374,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_len=args.max_context, max_n=args.max_n,
         prices=Prices(args.price_input, args.price_output), limits=limits,
         verifier=VerifierConfig(enabled=args.enable_verifier, timeout_s=args.verifier_timeout),
-        drain_seconds=args.drain_seconds, min_accepted=args.min_accepted)
+        drain_seconds=args.drain_seconds, min_accepted=min_accepted_for(args, args.verify == "adaptive"),
+        adaptive_verify=args.verify == "adaptive")
     how = ", ".join(["MXFP4 experts" if fast is not None else "original experts",
                      "DFlash speculative" if drafter is not None else "plain decoding (no drafter)"])
     print(f"ultraspeed: serving {config.model_name} and {config.model_name}-ultraspeed ({how}) at "
@@ -373,9 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-spec", action="store_true", help="plain decoding, no speculative drafter")
     g.add_argument("--drafter", default=None, help="DFlash drafter .safetensors (default model: the shipped one)")
     g.add_argument("--block-size", type=int, default=0, help="draft block length (default: the drafter's own)")
-    g.add_argument("--min-accepted", type=float, default=2.0,
+    g.add_argument("--min-accepted", type=min_accepted_arg, default="auto",
                    help="after 4 speculative steps, decode plainly if fewer tokens than this are committed per "
-                        "step (verification would cost more than it saves; output unchanged). 0 = never")
+                        "step (verification would cost more than it saves; output unchanged). auto (default): "
+                        "the break-even of the step costs timed at start-up (2 with --verify full); 0 = never")
+    add_verify_flag(g)
     g.add_argument("--weights", choices=["auto", "fp32", "int8"], default="auto",
                    help="dense weight format: auto = int8 on a CPU with the compiled kernel (default)")
     g.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
@@ -415,9 +445,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--drafter", default=None, help="DFlash drafter .safetensors for the ultraspeed tier "
                    "(default model: the shipped one; without any, the ultraspeed tier decodes plainly)")
     s.add_argument("--no-spec", action="store_true", help="ultraspeed tier without a drafter (plain decoding)")
-    s.add_argument("--min-accepted", type=float, default=2.0,
+    s.add_argument("--min-accepted", type=min_accepted_arg, default="auto",
                    help="an ultraspeed request whose drafter commits fewer tokens per step than this after 4 "
-                        "probe steps finishes with plain decoding (same output, cheaper steps); 0 = never")
+                        "probe steps finishes with plain decoding (same output, cheaper steps). auto (default): "
+                        "the break-even of the step costs timed at start-up (2 with --verify full); 0 = never")
+    add_verify_flag(s)
     s.add_argument("--ultraspeed-experts", choices=["mxfp4", "original"], default="mxfp4",
                    help="expert weights of the ultraspeed tier (mxfp4: its own engine and weights; for a dense "
                         "model the MLP is the expert)")
@@ -476,6 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "of its acceptance is memorised)")
     ba.add_argument("--weights", choices=["auto", "fp32", "int8"], default="auto",
                     help="dense weight format of the target (auto: int8 on a CPU, as generate serves)")
+    ba.add_argument("--verify", choices=["adaptive", "full"], default="adaptive",
+                    help="whole blocks are always measured (the drafter's acceptance); adaptive (default) also "
+                    "times adaptive verification, as generate and serve run it")
     ba.set_defaults(func=cmd_bench_acceptance)
     from ultraspeed.bench.report import DOMAINS as REPORT_DOMAINS, SYSTEMS as REPORT_SYSTEMS
     br = bench_sub.add_parser("report", help="proof of speed: ours (plain, MXFP4, DFlash, both) vs HF transformers "
@@ -490,6 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--new-tokens", type=int, default=128)
     br.add_argument("--block-sizes", type=int, nargs="+", default=[4, 8, 16], help="DFlash block sizes swept")
     br.add_argument("--threads", type=int, default=2, help="CPU threads for every system (default 2)")
+    br.add_argument("--verify", choices=["adaptive", "full"], default="adaptive",
+                    help="DFlash systems verify adaptively (default, as generate and serve do) or whole blocks")
     br.add_argument("--quick", action="store_true", help="1 repeat, 1 prompt per domain, 16 new tokens")
     br.add_argument("--json", action="store_true", help="print the JSON report instead of the Markdown")
     br.set_defaults(func=cmd_bench_report)

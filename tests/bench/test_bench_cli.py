@@ -43,6 +43,19 @@ def test_bench_acceptance_json(capsys, tmp_path):
         assert steps > 0
         assert r["mean_accepted"] == pytest.approx(sum(k * v for k, v in hist.items()) / steps, abs=1e-3)
         assert r["speedup_vs_plain"] > 0
+        # Adaptive verification: measured beside whole blocks, never verifying more drafts than the block has.
+        a = r["adaptive"]
+        assert 0 <= a["mean_drafts_verified"] <= int(block) - 1 and a["tokens_per_s"] > 0
+        assert r["mean_drafts_verified"] == int(block) - 1
+    assert set(report["step_costs"]) == {"4", "8"}
+
+
+def test_bench_acceptance_verify_full_skips_the_adaptive_runs(capsys, tmp_path):
+    path = random_drafter_file(tmp_path, block_size=4)
+    assert main(["bench", "acceptance", "--drafter", str(path), "--domains", "math", "--block-sizes", "4",
+                 "--prompts", "1", "--max-tokens", "3", "--threads", "1", "--verify", "full", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "adaptive" not in report["results"]["math"]["blocks"]["4"] and report["step_costs"] == {}
 
 
 def test_bench_acceptance_split_train_measures_the_training_prompts(capsys, tmp_path, monkeypatch):

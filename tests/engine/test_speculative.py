@@ -10,6 +10,7 @@ from tests.helpers import hf_model, ours_from_hf
 from ultraspeed.engine import speculative
 from ultraspeed.engine.generate import GenerationStats, generate_plain
 from ultraspeed.engine.sampler import SamplingParams, token_distribution
+from ultraspeed.engine.verify_length import StepCost
 from ultraspeed.models.dflash import DFlashConfig, DFlashDrafter, init_random
 
 pytest.importorskip("transformers")
@@ -56,7 +57,7 @@ def test_greedy_with_good_and_bad_drafts_identical(target, monkeypatch):
         calls["n"] += 1
         if calls["n"] % 3 == 0:
             guess[0, calls["n"] % (B - 1)] = (guess[0, calls["n"] % (B - 1)] + 1) % 128
-        return guess
+        return guess, torch.ones(guess.shape)
 
     monkeypatch.setattr(speculative, "draft_block", oracle_draft)
     stats = GenerationStats()
@@ -121,9 +122,33 @@ def test_rejection_sampling_keeps_target_distribution(params):
     assert chi_square_p_value(first, p[1]) < 1e-6
 
 
-def test_batched_rows_with_different_lengths_identical(target):
+def test_rejection_sampling_with_nothing_drafted_samples_the_target():
+    """A step that verifies no drafts (the drafter was too unsure) still draws its one token from p."""
+    torch.manual_seed(0)
+    V, N = 6, 20000
+    params = SamplingParams(temperature=0.8)
+    logits = torch.randn(1, 1, V) * 1.5
+    p = token_distribution(logits, params)[0, 0]
+    accepted, bonuses = speculative.accept_sampling(torch.zeros(N, 0, dtype=torch.long), logits.expand(N, -1, -1),
+                                                    params, torch.Generator().manual_seed(2))
+    assert accepted.eq(0).all()
+    assert chi_square_p_value(torch.bincount(bonuses, minlength=V).float(), p) > 1e-3
+
+
+# A cost model under which verifying is expensive enough that confident and unsure drafts get different lengths.
+STEEP = StepCost(draft=0.0, fixed=1.0, per_token=0.3)
+
+
+@pytest.mark.parametrize("step_cost", [None, STEEP], ids=["whole-blocks", "adaptive"])
+def test_batched_rows_with_different_lengths_identical(target, step_cost, monkeypatch):
     """A running batch of three sequences (different prompt lengths, so different acceptance and positions)
-    stepped together reproduces each sequence's plain greedy output."""
+    stepped together reproduces each sequence's plain greedy output, whether whole blocks or only their
+    confident prefixes are verified (confidences randomised so that every verify length occurs)."""
+    g = torch.Generator().manual_seed(0)
+    real_draft = speculative.draft_block
+    monkeypatch.setattr(speculative, "draft_block",
+                        lambda *a: (real_draft(*a)[0], torch.rand(real_draft(*a)[0].shape, generator=g) ** 0.3))
+    verified = []
     drafter = make_drafter(target, block_size=5)
     prompts = [[3, 17, 42, 9], [100, 5, 6, 7, 8, 9, 10, 11, 12], [55, 66]]
     params = SamplingParams(max_tokens=25, ignore_eos=True)
@@ -137,13 +162,15 @@ def test_batched_rows_with_different_lengths_identical(target):
             pending.append(speculative.features_of(captured))
             outputs.append([anchors[-1]])
         while min(len(o) for o in outputs) < 25:
-            committed, pending = speculative.speculative_step(target, drafter, cache, draft_cache, anchors, pending,
-                                                              [params] * 3, [None] * 3)
+            committed, pending, n_verified = speculative.speculative_step(
+                target, drafter, cache, draft_cache, anchors, pending, [params] * 3, [None] * 3, step_cost)
+            verified.append(n_verified)
             for row, toks in enumerate(committed):
                 outputs[row].extend(toks)
                 anchors[row] = toks[-1]
     for prompt, out in zip(prompts, outputs):
         assert out[:25] == plain_tokens(target, prompt, params)
+    assert set(verified) == {4} if step_cost is None else len(set(verified)) >= 3
 
 
 def test_draft_vocabulary_subset_stays_lossless(target):
@@ -173,3 +200,17 @@ def test_fallback_to_plain_decoding_is_exact(target, monkeypatch):
     assert got == plain_tokens(target, prompt, params)
     assert len(calls) == 3                                    # no drafting after the probe steps
     assert stats.accepted_lengths[3:] == [1] * (len(stats.accepted_lengths) - 3)
+
+
+@pytest.mark.parametrize("step_cost, gives_up", [(StepCost(draft=5.0, fixed=1.0, per_token=0.1), True),
+                                                 (None, False)])
+def test_automatic_fallback_uses_the_break_even_of_the_step_costs(target, step_cost, gives_up):
+    """min_accepted=None: give up where the drafter commits less than its steps cost in plain steps (a drafter
+    five plain steps dear never pays); without measured costs there is no break-even, so it never gives up."""
+    prompt = [9, 9, 1, 2]
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    stats = GenerationStats()
+    got = sum(speculative.generate_speculative(target, make_drafter(target, 6), prompt, params, stats=stats,
+                                               min_accepted=None, probe_steps=3, step_cost=step_cost), [])
+    assert got == plain_tokens(target, prompt, params)
+    assert (stats.plain_after == 3) == gives_up

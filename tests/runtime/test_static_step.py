@@ -146,12 +146,12 @@ def test_static_speculative_step_matches_dynamic_step(models, monkeypatch):
     for _ in range(6):
         seen.clear()
         with torch.no_grad():
-            committed, pending = speculative.speculative_step(target, drafter, cache, draft_cache, anchors, pending,
-                                                              params, generators)
+            committed, pending, _ = speculative.speculative_step(target, drafter, cache, draft_cache, anchors,
+                                                                 pending, params, generators)
         seen_dynamic = dict(seen)
         seen.clear()
         drafts = step.draft()
-        assert drafts.tolist() == seen_dynamic["drafts"].tolist()
+        assert drafts.tolist() == seen_dynamic["drafts"][0].tolist()
         result, verify_logits = step.verify(drafts)
         torch.testing.assert_close(verify_logits, seen_dynamic["logits"], atol=2e-5, rtol=1e-5)
         assert committed_tokens(result) == committed
@@ -237,7 +237,7 @@ def test_windowed_and_causal_drafters(models, kw):
     anchor = int(logits.argmax(-1))
     load_rows(step, [anchor], cache.lengths[:1].tolist())
     with torch.no_grad():
-        ref = speculative.draft_block(drafter, target, draft_cache, torch.tensor([anchor]))
+        ref, _ = speculative.draft_block(drafter, target, draft_cache, torch.tensor([anchor]))
     assert step.draft().tolist() == ref.tolist()
     assert speculative_greedy(target, drafter, PROMPTS, 10) == greedy(target, PROMPTS, 10)
 

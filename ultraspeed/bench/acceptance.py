@@ -20,6 +20,7 @@ from ultraspeed.bench.machine import describe_machine, median
 from ultraspeed.engine.generate import GenerationStats, generate_plain
 from ultraspeed.engine.sampler import SamplingParams
 from ultraspeed.engine.speculative import generate_speculative
+from ultraspeed.engine.verify_length import measure_step_cost
 from ultraspeed.models.dflash import DFlashDrafter, with_block_size
 from ultraspeed.quant.int8 import apply_weight_format, match_drafter_weights
 from ultraspeed.train.prompts import DOMAINS, domain_prompts
@@ -37,6 +38,7 @@ class AcceptanceConfig:
     threads: int = 2
     weights: str = "auto"            # dense weight format, as `generate` serves by default
     split: str = "eval"              # "eval": held-out prompts; "train": the drafter's own training prompts
+    adaptive: bool = True            # beside whole blocks (the drafter's quality), time adaptive verification
 
     def __post_init__(self) -> None:
         if self.split not in ("eval", "train"):
@@ -60,8 +62,11 @@ def run_acceptance_bench(loaded, drafter: DFlashDrafter, cfg: AcceptanceConfig) 
     report = {"bench": "acceptance", "machine": describe_machine(), "model": loaded.source, "greedy": True,
               "weights": weights, "split": cfg.split,
               "max_tokens": cfg.max_tokens, "drafter": dataclasses.asdict(drafter.config), "results": {}}
+    # Step costs for adaptive verification, timed once per block size before any timed run.
+    costs = {b: measure_step_cost(model, with_block_size(drafter, b)) for b in cfg.block_sizes if cfg.adaptive}
+    report["step_costs"] = {str(b): dataclasses.asdict(c) for b, c in costs.items()}
     total = len(cfg.domains) * cfg.prompts_per_domain
-    bar = tqdm(total=total * (1 + len(cfg.block_sizes)), desc="bench acceptance", unit="run")
+    bar = tqdm(total=total * (1 + len(cfg.block_sizes) * (1 + cfg.adaptive)), desc="bench acceptance", unit="run")
     for domain in cfg.domains:
         prompts = [tok.encode_chat(m) for m in domain_prompts(domain, cfg.split, cfg.prompts_per_domain)]
         plain_seconds, plain_tokens = [], []
@@ -73,22 +78,19 @@ def run_acceptance_bench(loaded, drafter: DFlashDrafter, cfg: AcceptanceConfig) 
         per_block = {}
         for block_size in cfg.block_sizes:
             d = with_block_size(drafter, block_size)
-            seconds, accepted, tokens = [], [], []
-            for prompt in prompts:
-                stats = GenerationStats()
-                seconds.append(_timed(generate_speculative(model, d, prompt, params, tok.stop_token_ids, cache,
-                                                           stats)))
-                accepted.extend(stats.accepted_lengths)
-                tokens.append(stats.new_tokens)
-                bar.update(1)
-            per_block[str(block_size)] = {
-                "mean_accepted": round(sum(accepted) / max(1, len(accepted)), 3),
-                "accepted_histogram": {str(k): accepted.count(k) for k in range(1, block_size + 1)},
-                "tokens_per_s": round(sum(tokens) / sum(seconds), 2),
-                "speedup_vs_plain": round((sum(plain_seconds) / sum(plain_tokens)) / (sum(seconds) / sum(tokens)), 3),
-                "median_prompt_speedup": round(median([(ps / pt) / (s / t) for ps, pt, s, t in
-                                                       zip(plain_seconds, plain_tokens, seconds, tokens)]), 3),
-            }
+            runs, modes = {}, {"full": None, **({"adaptive": costs[block_size]} if cfg.adaptive else {})}
+            for verify, step_cost in modes.items():
+                seconds, runs[verify] = [], []
+                for prompt in prompts:
+                    stats = GenerationStats()
+                    seconds.append(_timed(generate_speculative(model, d, prompt, params, tok.stop_token_ids, cache,
+                                                               stats, step_cost=step_cost)))
+                    runs[verify].append(stats)
+                    bar.update(1)
+                runs[verify] = summarise(runs[verify], seconds, plain_tokens, plain_seconds, block_size)
+            # The drafter's quality is its acceptance over whole blocks; adaptive verification trades some of it
+            # for cheaper steps, so its own acceptance is reported beside its speed.
+            per_block[str(block_size)] = {**runs["full"], **({"adaptive": runs["adaptive"]} if cfg.adaptive else {})}
         report["results"][domain] = {
             "prompts": len(prompts),
             "plain_tokens_per_s": round(sum(plain_tokens) / sum(plain_seconds), 2),
@@ -99,10 +101,31 @@ def run_acceptance_bench(loaded, drafter: DFlashDrafter, cfg: AcceptanceConfig) 
     return report
 
 
+def summarise(stats: list[GenerationStats], seconds: list[float], plain_tokens: list[int],
+              plain_seconds: list[float], block_size: int) -> dict:
+    """One block size and verify mode over a domain's prompts: acceptance, tok/s and speed-up over plain."""
+    accepted = [a for s in stats for a in s.accepted_lengths]
+    verified = [v for s in stats for v in s.drafts_verified]
+    tokens = [s.new_tokens for s in stats]
+    return {
+        "mean_accepted": round(sum(accepted) / max(1, len(accepted)), 3),
+        "mean_drafts_verified": round(sum(verified) / max(1, len(verified)), 3),
+        "accepted_histogram": {str(k): accepted.count(k) for k in range(1, block_size + 1)},
+        "tokens_per_s": round(sum(tokens) / sum(seconds), 2),
+        "speedup_vs_plain": round((sum(plain_seconds) / sum(plain_tokens)) / (sum(seconds) / sum(tokens)), 3),
+        "median_prompt_speedup": round(median([(ps / pt) / (s / t) for ps, pt, s, t in
+                                               zip(plain_seconds, plain_tokens, seconds, tokens)]), 3),
+    }
+
+
 def format_table(report: dict) -> str:
-    lines = ["| domain | block | mean accepted | goal | tok/s | plain tok/s | speed-up |", "|---|---|---|---|---|---|---|"]
+    lines = ["| domain | block | mean accepted | goal | tok/s | plain tok/s | speed-up | adaptive: accepted, "
+             "drafts verified, tok/s, speed-up |", "|---|---|---|---|---|---|---|---|"]
     for domain, r in report["results"].items():
         for block, b in r["blocks"].items():
+            a = b.get("adaptive")
+            adaptive = (f"{a['mean_accepted']}, {a['mean_drafts_verified']}, {a['tokens_per_s']}, "
+                        f"{a['speedup_vs_plain']}x" if a else "-")
             lines.append(f"| {domain} | {block} | {b['mean_accepted']} | {r['goal_mean_accepted'] or '-'} | "
-                         f"{b['tokens_per_s']} | {r['plain_tokens_per_s']} | {b['speedup_vs_plain']}x |")
+                         f"{b['tokens_per_s']} | {r['plain_tokens_per_s']} | {b['speedup_vs_plain']}x | {adaptive} |")
     return "\n".join(lines)

@@ -62,12 +62,15 @@ class ReportConfig:
     block_sizes: tuple[int, ...] = (4, 8, 16)
     threads: int = 2
     scale_rule: str = "ceil"
+    verify: str = "adaptive"              # DFlash systems: "adaptive" (as generate runs) or "full" blocks
 
     def __post_init__(self) -> None:
         if min(self.prompts_per_domain, self.new_tokens, self.repeats, self.threads, *self.block_sizes) < 1:
             raise UltraSpeedError("--prompts, --new-tokens, --repeats, --threads and --block-sizes must be >= 1")
         if unknown := set(self.systems) - set(SYSTEMS):
             raise UltraSpeedError(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
+        if self.verify not in ("adaptive", "full"):
+            raise UltraSpeedError(f"verify must be 'adaptive' or 'full', not {self.verify!r}")
 
 
 def quick(cfg: ReportConfig) -> ReportConfig:
@@ -105,7 +108,7 @@ def drain(chunks: Iterator[Sequence[int]], limit: int, t0: float) -> tuple[int, 
     return count, ttft
 
 
-def ours_runner(model, cache, drafter=None) -> Runner:
+def ours_runner(model, cache, drafter=None, step_cost=None) -> Runner:
     from ultraspeed.engine.generate import GenerationStats, generate_plain
     from ultraspeed.engine.sampler import SamplingParams
     from ultraspeed.engine.speculative import generate_speculative
@@ -115,7 +118,7 @@ def ours_runner(model, cache, drafter=None) -> Runner:
         stats = GenerationStats()
         t0 = time.perf_counter()
         chunks = (generate_plain(model, prompt, params, cache=cache, stats=stats) if drafter is None else
-                  generate_speculative(model, drafter, prompt, params, cache=cache, stats=stats))
+                  generate_speculative(model, drafter, prompt, params, cache=cache, stats=stats, step_cost=step_cost))
         count, ttft = drain(chunks, new_tokens, t0)
         return Sample(count, time.perf_counter() - t0, ttft, tuple(stats.accepted_lengths))
 
@@ -196,6 +199,7 @@ class SystemJob:
     threads: int
     scale_rule: str
     block_sizes: tuple[int, ...]
+    verify: str = "adaptive"
 
     def context_tokens(self, block_size: int = 0) -> int:
         """KV room to allocate: the longest prompt, the new tokens and one draft block (or lookup) past them.
@@ -255,14 +259,19 @@ def build_runners(job: SystemJob) -> tuple[dict[int, Runner], dict]:
     facts["weights"] = apply_weight_format(loaded.model, "auto")
     if "dflash" not in job.name:
         return {0: ours_runner(loaded.model, loaded.model.new_cache(1, job.context_tokens()))}, facts
-    from ultraspeed.models.dflash import with_block_size
-    from ultraspeed.models.dflash import load_drafter
+    from ultraspeed.engine.verify_length import measure_step_cost
+    from ultraspeed.models.dflash import load_drafter, with_block_size
     drafter = load_drafter(job.drafter)
     match_drafter_weights(drafter, facts["weights"])
     facts["block_size"] = drafter.config.block_size
     cache = loaded.model.new_cache(1, job.context_tokens(drafter.config.block_size))   # one, shared by the sweep
     blocks = sorted({drafter.config.block_size, *job.block_sizes})
-    return {b: ours_runner(loaded.model, cache, with_block_size(drafter, b)) for b in blocks}, facts
+    facts["verify"] = job.verify
+    drafters = {b: with_block_size(drafter, b) for b in blocks}
+    costs = {b: measure_step_cost(loaded.model, d) if job.verify == "adaptive" else None for b, d in drafters.items()}
+    if job.verify == "adaptive":
+        facts["step_costs"] = {str(b): asdict(c) for b, c in costs.items()}
+    return {b: ours_runner(loaded.model, cache, d, costs[b]) for b, d in drafters.items()}, facts
 
 
 def collect(runner: Runner, job: SystemJob, label: str) -> dict[str, list[Sample]]:
@@ -407,7 +416,7 @@ def run_report(cfg: ReportConfig, out_dir: Path) -> dict:
             report["systems"][name] = {"missing": reason}
             continue
         job = SystemJob(name, cfg.model, str(drafter) if drafter else None, prompts, cfg.new_tokens, cfg.repeats,
-                        cfg.threads, cfg.scale_rule, tuple(cfg.block_sizes))
+                        cfg.threads, cfg.scale_rule, tuple(cfg.block_sizes), cfg.verify)
         done = load_measured(partial, job)
         if done is not None:
             report["systems"][name] = done
@@ -571,7 +580,10 @@ def format_markdown(report: dict) -> str:
     lines += ["", "## How it was measured", "",
               "- tok/s: new tokens / wall time from the call to the last token (prefill included); TTFT: call to "
               "first token. Medians over repeats x prompts; one warm-up generation per system first.",
-              "- mean accepted: tokens committed per target forward (1 for plain decoding).",
+              "- mean accepted: tokens committed per target forward (1 for plain decoding). DFlash verifies "
+              + ("only the drafts worth their time (adaptive, as generate and serve run it; whole-block "
+                 "acceptance per domain: `ultraspeed bench acceptance`)." if cfg.get("verify", "adaptive") == "adaptive"
+                 else "whole blocks (--verify full)."),
               "- Every system runs alone in a fresh process. peak RSS: that process's peak resident memory "
               "(getrusage maxrss, loading included); extra: peak minus its resident memory after imports, before "
               "loading weights; RSS after: resident memory once measured (what serving holds).",

@@ -13,6 +13,7 @@ from ultraspeed.bench.machine import describe_machine, median
 from ultraspeed.bench.peers import Runner, available_peers, hf_transformers_runner, llama_cpp_runner
 from ultraspeed.engine.generate import GenerationStats, generate_plain
 from ultraspeed.engine.sampler import SamplingParams
+from ultraspeed.engine.verify_length import measure_step_cost
 from ultraspeed.loader import load_model, resolve_model_path
 from ultraspeed.quant.int8 import apply_weight_format, match_drafter_weights
 
@@ -33,7 +34,7 @@ class SpeedConfig:
     drafter: str | None = None
 
 
-def engine_runner(loaded, drafter=None) -> Runner:
+def engine_runner(loaded, drafter=None, step_cost=None) -> Runner:
     from ultraspeed.engine.speculative import generate_speculative
     cache = loaded.model.new_cache(1, 2048)
 
@@ -44,7 +45,8 @@ def engine_runner(loaded, drafter=None) -> Runner:
         if drafter is None:
             tokens = generate_plain(loaded.model, prompt, params, cache=cache, stats=stats)
         else:
-            tokens = generate_speculative(loaded.model, drafter, prompt, params, cache=cache, stats=stats)
+            tokens = generate_speculative(loaded.model, drafter, prompt, params, cache=cache, stats=stats,
+                                          step_cost=step_cost)
         for _ in tokens:
             pass
         run.last_stats = stats
@@ -90,7 +92,8 @@ def run_speed_bench(cfg: SpeedConfig) -> dict:
         from ultraspeed.models.dflash import load_drafter
         drafter = load_drafter(cfg.drafter)
         match_drafter_weights(drafter, report["weights"])
-        systems["ultraspeed_dflash"] = measure(engine_runner(loaded, drafter), prompts, cfg.new_tokens,
+        step_cost = measure_step_cost(loaded.model, drafter)            # adaptive verification, as generate runs
+        systems["ultraspeed_dflash"] = measure(engine_runner(loaded, drafter, step_cost), prompts, cfg.new_tokens,
                                                cfg.repeats, "ours dflash")
     gguf_path = resolve_model_path(cfg.model)
     missing = available_peers()

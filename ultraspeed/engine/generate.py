@@ -27,6 +27,7 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     accepted_lengths: list[int] = field(default_factory=list)   # tokens committed per decode forward
+    drafts_verified: list[int] = field(default_factory=list)    # drafts each speculative forward verified
     plain_after: int | None = None    # speculative decoding gave up after this many steps (drafter not worth it)
     finish_reason: str | None = None  # "stop" | "length"
 
@@ -52,6 +53,9 @@ class GenerationStats:
             if self.decode_seconds > 0 and self.new_tokens > 1 else 0.0,
             "mean_accepted": round(self.mean_accepted, 3), "target_forwards": self.target_forwards,
             "finish_reason": self.finish_reason,
+            **({"mean_drafts_verified": round(sum(self.drafts_verified) / len(self.drafts_verified), 3)}
+               if self.drafts_verified else {}),
+            **({"plain_after": self.plain_after} if self.plain_after is not None else {}),
         }
 
 

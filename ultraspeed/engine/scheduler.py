@@ -35,8 +35,8 @@ import torch
 from ultraspeed.engine.generate import GenerationStats
 from ultraspeed.engine.kv_cache import KVCache
 from ultraspeed.engine.sampler import SamplingParams, make_generator, sample
-from ultraspeed.engine.speculative import (accept_greedy, accept_sampling, append_context, draft_block,
-                                           features_of, gives_up, new_draft_cache)
+from ultraspeed.engine.speculative import features_of, gives_up, new_draft_cache, speculative_step
+from ultraspeed.engine.verify_length import StepCost, measure_step_cost
 from ultraspeed.errors import UltraSpeedError
 from ultraspeed.models.decoder import Decoder
 from ultraspeed.models.dflash import DFlashDrafter
@@ -66,9 +66,13 @@ class EngineConfig:
     max_queue: int = 64             # waiting requests (all groups); submit() beyond it raises QueueFull
     prefill_chunk: int = 512        # prompt tokens per prefill forward (bounds activation memory)
     # A speculative request whose drafter commits fewer than `min_accepted` tokens per step over its first
-    # `probe_steps` steps moves to the plain lane (same tokens, cheaper steps). 0 = never.
-    min_accepted: float = 0.0
+    # `probe_steps` steps moves to the plain lane (same tokens, cheaper steps). 0 = never; None = the break-even
+    # of the measured step costs (needs adaptive_verify).
+    min_accepted: float | None = 0.0
     probe_steps: int = 4
+    # Verify only the drafts worth their time (engine/verify_length.py), from step costs timed at start-up;
+    # False verifies whole blocks. Output is the same either way.
+    adaptive_verify: bool = True
 
 
 @dataclass
@@ -173,16 +177,19 @@ class _PlainLane:
 
 
 class _SpeculativeLane:
-    """DFlash for a batch: every step drafts a block for each row in one drafter forward, verifies all blocks in
-    one target forward, then accepts per row (greedy prefix or rejection sampling with the row's own
-    parameters) and rolls each row's cache back over its rejected drafts."""
+    """DFlash for a batch (engine/speculative.speculative_step): every step drafts a block for each row in one
+    drafter forward, verifies all blocks (or the prefix worth verifying) in one target forward, then accepts per
+    row (greedy prefix or rejection sampling with the row's own parameters) and rolls each row's cache back over
+    its rejected drafts."""
 
-    def __init__(self, target: Decoder, drafter: DFlashDrafter, rows: int, max_len: int, chunk: int) -> None:
+    def __init__(self, target: Decoder, drafter: DFlashDrafter, rows: int, max_len: int, chunk: int,
+                 step_cost: StepCost | None = None) -> None:
         self.target, self.drafter, self.chunk, self.rows = target, drafter, chunk, rows
         self.cache = target.new_cache(rows, max_len)
         self.draft_cache = new_draft_cache(drafter, rows, self.cache.max_len)
         self.capture = drafter.config.target_layer_ids
         self.seqs: list[_Sequence] = []
+        self.step_cost = step_cost            # None: verify whole blocks
 
     @property
     def block_size(self) -> int:
@@ -207,28 +214,14 @@ class _SpeculativeLane:
         self.seqs.append(seq)
 
     def step(self) -> list[list[int]]:
-        b = len(self.seqs)
-        device = self.target.embed_tokens.weight.device
-        for row, s in enumerate(self.seqs):
-            append_context(self.drafter, self.draft_cache, row, s.pending)
-        anchors = torch.tensor([s.last for s in self.seqs], device=device)
-        drafts = draft_block(self.drafter, self.target, self.draft_cache, anchors)          # [b, B-1]
-        starts = self.cache.lengths[:b].clone()
-        hidden, captured = self.target(torch.cat([anchors.view(b, 1), drafts], dim=1), self.cache, self.capture)
-        logits = self.target.logits(hidden)                                                   # [b, B, V]
-        features = features_of(captured)
-        out = []
-        for row, s in enumerate(self.seqs):
-            params = s.request.params
-            if params.greedy:
-                accepted, bonus = accept_greedy(drafts[row:row + 1], logits[row:row + 1])
-            else:
-                accepted, bonus = accept_sampling(drafts[row:row + 1], logits[row:row + 1], params, s.generator)
-            a = int(accepted[0])
-            self.cache.crop(row, int(starts[row]) + a + 1)          # keep the anchor and a drafts
-            s.pending = features[row:row + 1, :a + 1]
-            out.append(drafts[row, :a].tolist() + [int(bonus[0])])
-        return out
+        committed, pending, verified = speculative_step(
+            self.target, self.drafter, self.cache, self.draft_cache, [s.last for s in self.seqs],
+            [s.pending for s in self.seqs], [s.request.params for s in self.seqs],
+            [s.generator for s in self.seqs], self.step_cost)
+        for s, features in zip(self.seqs, pending):
+            s.pending = features
+            s.stats.drafts_verified.append(verified)
+        return committed
 
     def remove(self, row: int) -> None:
         last = len(self.seqs) - 1
@@ -267,7 +260,8 @@ class Engine:
         # for every running slot: admission then only ever checks group capacity.
         self._plain = _PlainLane(model, sum(g.max_running for g in config.groups), self.context_limit,
                                  config.prefill_chunk)
-        self._spec = (_SpeculativeLane(model, drafter, spec_rows, self.context_limit, config.prefill_chunk)
+        self._spec = (_SpeculativeLane(model, drafter, spec_rows, self.context_limit, config.prefill_chunk,
+                                       measure_step_cost(model, drafter) if config.adaptive_verify else None)
                       if spec_rows else None)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -458,8 +452,9 @@ class Engine:
             return
         for seq, tokens in list(zip(lane.seqs, new_tokens)):
             self._commit(lane, seq, tokens, accepted=len(tokens))
-        if lane is self._spec and self.config.min_accepted > 0:
-            for seq in [s for s in lane.seqs if gives_up(s.stats, self.config.min_accepted, self.config.probe_steps)]:
+        if lane is self._spec and self.config.min_accepted != 0:
+            for seq in [s for s in lane.seqs
+                        if gives_up(s.stats, self.config.min_accepted, self.config.probe_steps, lane.step_cost)]:
                 self._to_plain_lane(seq)
 
     def _to_plain_lane(self, seq: _Sequence) -> None:

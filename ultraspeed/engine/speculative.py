@@ -21,6 +21,7 @@ import torch
 from ultraspeed.engine.generate import GenerationStats, check_prompt_fits, prefill
 from ultraspeed.engine.kv_cache import KVCache
 from ultraspeed.engine.sampler import SamplingParams, make_generator, sample, token_distribution
+from ultraspeed.engine.verify_length import StepCost, choose_verify_length
 from ultraspeed.models.decoder import Decoder
 from ultraspeed.models.dflash import DFlashDrafter, block_mask
 
@@ -43,8 +44,10 @@ def append_context(drafter: DFlashDrafter, draft_cache: KVCache, row: int, featu
     draft_cache.lengths[row] = start + n
 
 
-def draft_block(drafter: DFlashDrafter, target: Decoder, draft_cache: KVCache, anchors: torch.Tensor) -> torch.Tensor:
-    """anchors [b] (rows 0..b-1, each at position draft_cache.lengths[row]) -> draft tokens [b, B-1] (argmax)."""
+def draft_block(drafter: DFlashDrafter, target: Decoder, draft_cache: KVCache,
+                anchors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """anchors [b] (rows 0..b-1, each at position draft_cache.lengths[row]) -> draft tokens [b, B-1] (argmax)
+    and the drafter's probability of each (its confidence, which decides how many are worth verifying)."""
     b, B = anchors.shape[0], drafter.config.block_size
     device = anchors.device
     starts = draft_cache.lengths[:b].to(device)
@@ -57,7 +60,8 @@ def draft_block(drafter: DFlashDrafter, target: Decoder, draft_cache: KVCache, a
                       key_pos, key_block.expand(b, -1), drafter.config.window, drafter.config.causal_in_block)
     context = [(k[:b, :, :span], v[:b, :, :span]) for k, v in zip(draft_cache.keys, draft_cache.values)]
     hidden = drafter(embeds, positions, context, mask.unsqueeze(1))
-    return drafter.to_token_ids(drafter.draft_logits(hidden[:, 1:], target.lm_head.weight).argmax(-1))
+    confidence, indices = drafter.draft_logits(hidden[:, 1:], target.lm_head.weight).softmax(-1).max(-1)
+    return drafter.to_token_ids(indices), confidence
 
 
 def accept_greedy(drafts: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,6 +83,8 @@ def accept_sampling(drafts: torch.Tensor, logits: torch.Tensor, params: Sampling
     accepted = (uniform < draft_probs).int().cumprod(dim=1).sum(dim=1)         # accept d with probability p(d)
     p = probs[torch.arange(b, device=probs.device), accepted]                   # distribution of the bonus token
     # A rejected d is resampled from p without d: the residual max(p - q, 0) for q = delta_d.
+    if slots == 0:                                                              # nothing was drafted
+        return accepted.long(), torch.multinomial(p, 1, generator=generator).view(-1)
     rejected = (accepted < slots).view(-1, 1)
     rejected_token = drafts.gather(1, accepted.clamp(max=slots - 1).view(-1, 1))
     p = torch.where(rejected, p.scatter(1, rejected_token, 0.0), p)
@@ -92,19 +98,23 @@ def features_of(captured: list[torch.Tensor]) -> torch.Tensor:
 
 def speculative_step(target: Decoder, drafter: DFlashDrafter, cache: KVCache, draft_cache: KVCache,
                      anchors: list[int], pending: list[torch.Tensor], params: list[SamplingParams],
-                     generators: list[torch.Generator | None]) -> tuple[list[list[int]], list[torch.Tensor]]:
+                     generators: list[torch.Generator | None], step_cost: StepCost | None = None,
+                     ) -> tuple[list[list[int]], list[torch.Tensor], int]:
     """One draft + verify + accept step for rows 0..b-1 (each may have its own length and sampling params).
 
-    pending[row] holds target features [1, n, K*H] of the row's tokens committed since its last step. Returns the
-    tokens each row commits (accepted drafts + the target's bonus token, whose last element is the next anchor)
-    and the new pending features.
+    pending[row] holds target features [1, n, K*H] of the row's tokens committed since its last step. With a
+    `step_cost`, only the prefix of drafts worth its verification time is verified (engine/verify_length.py);
+    without, all B-1. Returns the tokens each row commits (accepted drafts + the target's bonus token, whose last
+    element is the next anchor), the new pending features and the number of drafts verified.
     """
     b = len(anchors)
     for row in range(b):
         append_context(drafter, draft_cache, row, pending[row])
     device = target.embed_tokens.weight.device
     anchor_ids = torch.tensor(anchors, device=device)
-    drafts = draft_block(drafter, target, draft_cache, anchor_ids)                  # [b, B-1]
+    drafts, confidence = draft_block(drafter, target, draft_cache, anchor_ids)      # [b, B-1] each
+    if step_cost is not None:
+        drafts = drafts[:, :choose_verify_length(confidence, step_cost)]
     starts = cache.lengths[:b].clone()
     hidden, captured = target(torch.cat([anchor_ids.view(b, 1), drafts], dim=1), cache,
                               drafter.config.target_layer_ids)
@@ -120,24 +130,36 @@ def speculative_step(target: Decoder, drafter: DFlashDrafter, cache: KVCache, dr
         cache.crop(row, int(starts[row]) + a + 1)                    # keep the anchor and a accepted drafts
         new_pending.append(features[row:row + 1, :a + 1])
         committed.append(drafts[row, :a].tolist() + [int(bonus[0])])
-    return committed, new_pending
+    return committed, new_pending, drafts.shape[1]
 
 
-def gives_up(stats: GenerationStats, min_accepted: float, probe_steps: int) -> bool:
+def gives_up(stats: GenerationStats, min_accepted: float | None, probe_steps: int,
+             step_cost: StepCost | None = None) -> bool:
     """After `probe_steps` speculative steps, is the drafter committing too few tokens per step to pay for
-    verification? Then decoding continues plainly from the same state: the output is exactly the same."""
-    return len(stats.accepted_lengths) >= probe_steps and stats.mean_accepted < min_accepted
+    verification? Then decoding continues plainly from the same state: the output is exactly the same.
+    `min_accepted` None: the break-even of the measured step costs (StepCost.break_even); 0: never give up."""
+    if len(stats.accepted_lengths) < probe_steps:
+        return False
+    if min_accepted is None:
+        if step_cost is None:
+            return False
+        min_accepted = step_cost.break_even(stats.drafts_verified)
+    return stats.mean_accepted < min_accepted
 
 
 @torch.inference_mode()
 def generate_speculative(target: Decoder, drafter: DFlashDrafter, prompt_ids: list[int], params: SamplingParams,
                          stop_ids: tuple[int, ...] = (), cache: KVCache | None = None,
-                         stats: GenerationStats | None = None, min_accepted: float = 0.0,
-                         probe_steps: int = 4) -> Iterator[list[int]]:
+                         stats: GenerationStats | None = None, min_accepted: float | None = 0.0,
+                         probe_steps: int = 4, step_cost: StepCost | None = None) -> Iterator[list[int]]:
     """Same contract as generate_plain, several tokens per target forward.
 
+    `step_cost` (measure_step_cost) lets each step verify only the drafts worth their time; None verifies whole
+    blocks, which is what a GPU wants anyway.
+
     If after `probe_steps` steps the drafter commits fewer than `min_accepted` tokens per step, verification
-    costs more than it saves: the rest is decoded plainly from the same state (still exact). 0 = never.
+    costs more than it saves: the rest is decoded plainly from the same state (still exact). 0 = never; None =
+    the break-even of `step_cost` (never without one).
     """
     B = drafter.config.block_size
     stats = stats if stats is not None else GenerationStats()
@@ -177,10 +199,11 @@ def generate_speculative(target: Decoder, drafter: DFlashDrafter, prompt_ids: li
             hidden, _ = target(torch.tensor([[new_tokens[-1]]], device=cache.keys[0].device), cache)
             new_tokens = [int(sample(target.logits(hidden[:, -1])[0], params, generator))]
         else:
-            committed, pending = speculative_step(target, drafter, cache, draft_cache, [new_tokens[-1]], pending,
-                                                  [params], [generator])
+            committed, pending, verified = speculative_step(target, drafter, cache, draft_cache, [new_tokens[-1]],
+                                                            pending, [params], [generator], step_cost)
             new_tokens = committed[0]
+            stats.drafts_verified.append(verified)
         stats.target_forwards += 1
         stats.accepted_lengths.append(len(new_tokens))
-        if not plain and gives_up(stats, min_accepted, probe_steps):
+        if not plain and gives_up(stats, min_accepted, probe_steps, step_cost):
             plain, stats.plain_after = True, stats.target_forwards

@@ -63,8 +63,10 @@ class ServerConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     drain_seconds: float = 60.0           # graceful shutdown: how long in-flight requests may still run
-    min_accepted: float = 0.0             # ultraspeed requests whose drafter commits fewer tokens per step than
-                                          # this (after 4 probe steps) finish with plain decoding; 0 = never
+    min_accepted: float | None = 0.0      # ultraspeed requests whose drafter commits fewer tokens per step than
+                                          # this (after 4 probe steps) finish with plain decoding; 0 = never,
+                                          # None = the break-even of the measured step costs
+    adaptive_verify: bool = True          # verify only the drafts worth their time (EngineConfig.adaptive_verify)
 
     def __post_init__(self) -> None:
         if min(self.standard_max_running, self.ultraspeed_max_running, self.max_queue, self.max_n) < 1:
@@ -111,7 +113,8 @@ def build_state(model, tokenizer: Tokenizer, drafter, config: ServerConfig, ultr
 
     def engine(target, tiers: tuple[Tier, ...], with_drafter) -> Engine:
         return Engine(target, EngineConfig(groups=tuple(t.group() for t in tiers), max_len=config.max_len,
-                                           max_queue=config.max_queue, min_accepted=config.min_accepted),
+                                           max_queue=config.max_queue, min_accepted=config.min_accepted,
+                                           adaptive_verify=config.adaptive_verify),
                       with_drafter)
     if ultraspeed_model is None:
         shared = engine(model, (standard, ultraspeed), drafter)

@@ -1,0 +1,54 @@
+"""The verify-length rule: expected tokens from the drafter's confidences, and the length with the best rate."""
+
+import pytest
+import torch
+
+from tests.helpers import hf_model, ours_from_hf
+from ultraspeed.engine.verify_length import StepCost, choose_verify_length, expected_tokens, measure_step_cost
+from ultraspeed.models.dflash import DFlashConfig, DFlashDrafter, init_random
+
+
+def test_expected_tokens_counts_the_bonus_and_each_surviving_prefix():
+    e = expected_tokens(torch.tensor([[0.5, 0.5, 1.0], [1.0, 0.0, 1.0]]))
+    torch.testing.assert_close(e, torch.tensor([[1.0, 1.5, 1.75, 2.0], [1.0, 2.0, 2.0, 2.0]]))
+
+
+def test_flat_verify_cost_verifies_the_whole_block():
+    """A GPU-like cost (extra positions are free): every draft is worth verifying, however unsure."""
+    assert choose_verify_length(torch.full((2, 7), 0.05), StepCost(draft=0.1, fixed=1.0, per_token=0.0)) == 7
+
+
+def test_steep_verify_cost_stops_where_the_drafter_turns_unsure():
+    cost = StepCost(draft=0.3, fixed=1.0, per_token=0.15)            # ~the default model on our CPU
+    sure_then_unsure = torch.tensor([[0.95, 0.9, 0.9, 0.1, 0.1, 0.1, 0.1]])
+    assert choose_verify_length(sure_then_unsure, cost) == 3
+    assert choose_verify_length(torch.full((1, 7), 0.02), cost) == 0
+    assert choose_verify_length(torch.full((1, 7), 0.99), cost) == 7
+
+
+def test_rows_share_one_length_chosen_for_their_total():
+    cost = StepCost(draft=0.0, fixed=1.0, per_token=0.1)
+    sure, unsure = torch.full((1, 5), 0.99), torch.full((1, 5), 0.01)
+    assert choose_verify_length(sure, cost) == 5 and choose_verify_length(unsure, cost) == 0
+    assert 0 < choose_verify_length(torch.cat([sure, unsure]), cost) <= 5
+
+
+def test_break_even_is_the_step_cost_in_plain_steps():
+    cost = StepCost(draft=0.25, fixed=0.9, per_token=0.1)            # a plain step costs 1.0
+    assert cost.break_even([0]) == pytest.approx(1.25)               # the drafter + a plain step
+    assert cost.break_even([0, 4]) == pytest.approx((1.25 + 1.65) / 2)
+    assert cost.break_even([]) == 1.0
+
+
+def test_measure_step_cost_times_the_model(tmp_path):
+    target = ours_from_hf(hf_model("qwen3", seed=5), tmp_path)
+    drafter = DFlashDrafter(DFlashConfig.for_target(target.config, num_layers=1, num_features=2, block_size=4))
+    init_random(drafter, 0)
+    cost = measure_step_cost(target, drafter.requires_grad_(False), repeats=1)
+    assert cost.draft > 0 and cost.fixed >= 0 and cost.per_token >= 0 and cost.fixed + cost.per_token > 0
+
+
+@pytest.mark.parametrize("bad", [StepCost(0.0, 0.0, 0.0)])
+def test_a_zero_cost_model_still_chooses_a_length(bad):
+    """Degenerate timings (a clock too coarse to see a tiny model) must not divide by zero."""
+    assert 0 <= choose_verify_length(torch.full((1, 3), 0.5), bad) <= 3

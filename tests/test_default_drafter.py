@@ -1,0 +1,36 @@
+"""The shipped DFlash drafter on the embedded default model, served as `generate` serves it (int8 dense weights
+on a CPU): speculative output, whole-block or adaptive verification, equals plain greedy decoding."""
+
+import pytest
+
+from ultraspeed.drafters import drafter_for
+from ultraspeed.engine.generate import GenerationStats, generate_plain
+from ultraspeed.engine.sampler import SamplingParams
+from ultraspeed.engine.speculative import generate_speculative
+from ultraspeed.engine.verify_length import measure_step_cost
+from ultraspeed.loader import load_model
+from ultraspeed.models.dflash import load_drafter
+from ultraspeed.quant.int8 import apply_weight_format, match_drafter_weights
+from ultraspeed.train.prompts import domain_prompts
+
+
+@pytest.fixture(scope="module")
+def served():
+    loaded = load_model("default")
+    drafter = load_drafter(drafter_for("default", None))
+    match_drafter_weights(drafter, apply_weight_format(loaded.model, "auto"))
+    return loaded, drafter
+
+
+@pytest.mark.parametrize("domain", ["code", "agent"])
+def test_shipped_drafter_is_lossless_on_the_default_model(served, domain):
+    loaded, drafter = served
+    model, tok = loaded.model, loaded.tokenizer
+    prompt = tok.encode_chat(domain_prompts(domain, "eval", 1)[0])
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    plain = sum(generate_plain(model, prompt, params), [])
+    step_cost = measure_step_cost(model, drafter, repeats=1)
+    for cost in (None, step_cost):
+        stats = GenerationStats()
+        assert sum(generate_speculative(model, drafter, prompt, params, stats=stats, step_cost=cost), []) == plain
+        assert stats.target_forwards < 40          # the drafter really committed several tokens in some steps
