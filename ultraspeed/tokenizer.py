@@ -59,9 +59,10 @@ class Tokenizer:
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                      bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         # The template already places any BOS it wants.
-        return self.backend.encode(self.apply_chat_template(messages), add_special_tokens=False).ids
+        return self.backend.encode(self.apply_chat_template(messages, add_generation_prompt),
+                                   add_special_tokens=False).ids
 
 
 def _raise_template_error(message: str):

