@@ -268,10 +268,11 @@ def build_runners(job: SystemJob) -> tuple[dict[int, Runner], dict]:
     blocks = sorted({drafter.config.block_size, *job.block_sizes})
     facts["verify"] = job.verify
     drafters = {b: with_block_size(drafter, b) for b in blocks}
-    costs = {b: measure_step_cost(loaded.model, d) if job.verify == "adaptive" else None for b, d in drafters.items()}
-    if job.verify == "adaptive":
+    costs = ({b: measure_step_cost(loaded.model, d) for b, d in drafters.items()} if job.verify == "adaptive"
+             else {})
+    if costs:
         facts["step_costs"] = {str(b): asdict(c) for b, c in costs.items()}
-    return {b: ours_runner(loaded.model, cache, d, costs[b]) for b, d in drafters.items()}, facts
+    return {b: ours_runner(loaded.model, cache, d, costs.get(b)) for b, d in drafters.items()}, facts
 
 
 def collect(runner: Runner, job: SystemJob, label: str) -> dict[str, list[Sample]]:

@@ -75,6 +75,7 @@ def _timed(fn, device: torch.device, repeats: int) -> float:
 def measure_step_cost(target, drafter, repeats: int = 3, context: int = 32) -> StepCost:
     """Time a drafter forward and target forwards of 1 and B positions after a short dummy context, on caches
     of their own (one row, a few dozen positions)."""
+    # Imported here: speculative.py imports this module for the rule itself.
     from ultraspeed.engine.speculative import append_context, draft_block, features_of, new_draft_cache
 
     B = drafter.config.block_size

@@ -166,12 +166,13 @@ class DFlashDrafter(nn.Module):
         than both draft layers together."""
         if self.draft_vocab is None:
             return lm_head_weight
-        key = (lm_head_weight, lm_head_weight._version, self.draft_vocab)
         cached = self.__dict__.get("_draft_head")
-        if cached is None or any(a is not b for a, b in zip(cached[0][::2], key[::2])) or cached[0][1] != key[1]:
-            cached = (key, lm_head_weight[self.draft_vocab].detach())
+        if (cached is None or cached["head"] is not lm_head_weight or cached["vocab"] is not self.draft_vocab
+                or cached["version"] != lm_head_weight._version):
+            cached = {"head": lm_head_weight, "vocab": self.draft_vocab, "version": lm_head_weight._version,
+                      "rows": lm_head_weight[self.draft_vocab].detach()}
             self.__dict__["_draft_head"] = cached
-        return cached[1]
+        return cached["rows"]
 
     def draft_logits(self, hidden: torch.Tensor, lm_head_weight: torch.Tensor) -> torch.Tensor:
         """Logits over the draft vocabulary (full vocabulary if none was chosen)."""

@@ -17,7 +17,7 @@ import torch
 
 from ultraspeed.loader import LoadedModel
 from ultraspeed.train.distill_data import DistillData, load_cached, load_saved, write_features
-from ultraspeed.train.prompts import _user, chat_exchanges, humaneval_tasks
+from ultraspeed.train.prompts import chat_exchanges, code_prompts, humaneval_tasks
 
 
 @dataclass(frozen=True)
@@ -32,9 +32,9 @@ class CorpusSpec:
 
 def corpus_conversations(spec: CorpusSpec) -> list[tuple[str, list[dict]]]:
     """(domain, [user, assistant]) pairs to teacher-force."""
-    code = [_user("Complete this Python function.\n\n" + t["prompt"])
-            + [{"role": "assistant", "content": "```python\n" + t["prompt"] + t["canonical_solution"] + "```"}]
-            for t in humaneval_tasks()[:min(spec.code, 120)]]
+    # The same user turn the code prompts ask (tasks 0..119), answered with the task's canonical solution.
+    code = [prompt + [{"role": "assistant", "content": f"```python\n{t['prompt']}{t['canonical_solution']}```"}]
+            for prompt, t in zip(code_prompts("train")[:spec.code], humaneval_tasks())]
     return [("chat", m) for m in chat_exchanges("train", spec.chat)] + [("code", m) for m in code]
 
 
