@@ -1,10 +1,11 @@
-"""Command-line flags whose parsing carries a rule: --min-accepted auto and its fallback without step costs."""
+"""Command-line flags whose parsing carries a rule: --min-accepted auto and its fallback without step costs,
+--corpus-share and the text it needs."""
 
 import argparse
 
 import pytest
 
-from ultraspeed.cli import build_parser, min_accepted_for
+from ultraspeed.cli import build_parser, main, min_accepted_for
 
 
 def parse(*flags):
@@ -29,3 +30,19 @@ def test_min_accepted_takes_a_number_and_refuses_words(capsys):
 def test_serve_has_the_same_flags():
     args = build_parser().parse_args(["serve", "--verify", "full", "--min-accepted", "auto"])
     assert isinstance(args, argparse.Namespace) and args.verify == "full" and args.min_accepted is None
+
+
+@pytest.mark.parametrize("bad", ["0", "1", "1.5", "half"])
+def test_corpus_share_is_a_fraction(bad, capsys):
+    assert build_parser().parse_args(["train-drafter", "--corpus-share", "0.3"]).corpus_share == 0.3
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train-drafter", "--corpus-share", bad])
+    assert "expected a fraction between 0 and 1" in capsys.readouterr().err
+
+
+def test_corpus_share_without_text_fails_before_loading_anything(tmp_path, capsys):
+    # The model path does not exist: reaching the loader would fail with another message.
+    assert main(["train-drafter", "--corpus-share", "0.5", "--model", str(tmp_path / "missing"),
+                 "--out", str(tmp_path / "out")]) != 0
+    assert "--corpus-share needs teacher-forced text" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

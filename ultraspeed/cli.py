@@ -35,6 +35,17 @@ def min_accepted_arg(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"expected a number or 'auto', not {text!r}") from None
 
 
+def share_arg(text: str) -> float:
+    """A fraction strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, not {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1 (exclusive), not {value}")
+    return value
+
+
 def min_accepted_for(args: argparse.Namespace, adaptive: bool) -> float | None:
     """'auto' needs step costs, which only adaptive verification measures; whole blocks keep the old rule of 2."""
     return 2.0 if args.min_accepted is None and not adaptive else args.min_accepted
@@ -139,6 +150,8 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
     from ultraspeed.train.distill_data import DataMix, DistillSpec, build_or_load
     from ultraspeed.train.drafter import TrainConfig, frequent_tokens, train
 
+    if args.corpus_share is not None and not (args.corpus_chat or args.corpus_code):
+        raise UltraSpeedError("--corpus-share needs teacher-forced text: give --corpus-chat and/or --corpus-code")
     torch.manual_seed(args.seed)
     loaded = load_model(args.model)
     out = Path(args.out)
@@ -171,7 +184,7 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
                                                          model=str(args.model), weights=weights),
                                       Path(args.corpus_dir))
         print(f"teacher-forced text: {len(corpus)} sequences, {corpus.num_tokens} tokens", file=sys.stderr)
-        data = DataMix([data, corpus])
+        data = DataMix([data, corpus], None if args.corpus_share is None else [1 - args.corpus_share, args.corpus_share])
     if drafter.draft_vocab is not None and not (out / "checkpoint.pt").exists():
         drafter.draft_vocab = frequent_tokens([data.sequence_labels(i) for i in range(len(data))],
                                               drafter.config.draft_vocab_size, loaded.tokenizer.stop_token_ids)
@@ -436,7 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "position with its own greedy token; ~10x cheaper per token than generating)")
     t.add_argument("--corpus-code", type=int, default=0, metavar="N",
                    help="... and on N HumanEval training solutions (at most 120)")
-    t.add_argument("--corpus-dir", default="runs/corpus", help="cache of the teacher-forced text and features")
+    t.add_argument("--corpus-dir", default="runs/corpus", help="cache of the teacher-forced text and features "
+                   "(in shards: a larger --corpus-chat reuses what is built; an interrupted build resumes)")
+    t.add_argument("--corpus-share", type=share_arg, default=None, metavar="F",
+                   help="fraction of each step's sequences drawn from the teacher-forced text, the rest from the "
+                        "target's own responses (default: in proportion to their sequence counts)")
     t.add_argument("--layers", type=int, default=2, help="draft transformer layers")
     t.add_argument("--features", type=int, default=5, help="target layers whose outputs feed the drafter")
     t.add_argument("--block-size", type=int, default=16)

@@ -17,7 +17,7 @@ def test_a_fresh_drafter_trains_from_the_served_int8_target(tmp_path, capsys):
                  "--layers", "1", "--features", "2", "--block-size", "4", "--draft-vocab", "512", "--steps", "2",
                  "--seqs-per-step", "1", "--anchors", "2", "--checkpoint-every", "1", "--weights", "auto",
                  "--out", str(out), "--data-dir", str(data), "--corpus-chat", "1", "--corpus-code", "1",
-                 "--corpus-dir", str(tmp_path / "corpus")]) == 0
+                 "--corpus-dir", str(tmp_path / "corpus"), "--corpus-share", "0.5"]) == 0
     drafter = load_drafter(out / "drafter.safetensors")
     assert drafter.config.num_layers == 1 and drafter.config.block_size == 4
     assert drafter.config.draft_vocab_size == 512

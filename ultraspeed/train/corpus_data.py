@@ -6,6 +6,10 @@ tens of thousands of tokens an hour. A teacher-forced forward over text that alr
 token, so the drafter can see many more contexts (EAGLE's recipe). The text is not the target's, but the labels
 are: at every position the label is the target's own greedy prediction there, so the drafter still learns to
 predict the target, which is all verification rewards. Same files and loader as distill_data.
+
+The corpus is built in shards of SHARD_SIZE conversations, each cached in its own directory: an interrupted build
+(an hour or more on a CPU) loses at most one shard, and a larger corpus reuses every shard it shares with a
+smaller one (the conversation lists are prefix-stable), so growing --corpus-chat only runs the new text.
 """
 
 from __future__ import annotations
@@ -14,10 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from ultraspeed.loader import LoadedModel
-from ultraspeed.train.distill_data import DistillData, load_cached, load_saved, write_features
+from ultraspeed.train.distill_data import DataMix, DistillData, load_cached, load_saved, write_features
 from ultraspeed.train.prompts import chat_exchanges, code_prompts, humaneval_tasks
+
+SHARD_SIZE = 200
 
 
 @dataclass(frozen=True)
@@ -30,31 +37,69 @@ class CorpusSpec:
     weights: str = "checkpoint"
 
 
-def corpus_conversations(spec: CorpusSpec) -> list[tuple[str, list[dict]]]:
-    """(domain, [user, assistant]) pairs to teacher-force."""
+@dataclass(frozen=True)
+class ShardSpec:
+    """Conversations [start, stop) of one domain, and everything else their cached forwards depend on."""
+    domain: str
+    start: int
+    stop: int
+    max_tokens: int
+    target_layer_ids: tuple[int, ...]
+    model: str
+    weights: str
+
+    @property
+    def dirname(self) -> str:
+        return f"{self.domain}-{self.start:06d}-{self.stop:06d}"
+
+
+def corpus_shards(spec: CorpusSpec, shard_size: int = SHARD_SIZE) -> list[ShardSpec]:
+    """Fixed boundaries (multiples of shard_size), so a larger spec shares every full shard of a smaller one."""
+    common = dict(max_tokens=spec.max_tokens, target_layer_ids=spec.target_layer_ids, model=spec.model,
+                  weights=spec.weights)
+    return [ShardSpec(domain, start, min(start + shard_size, count), **common)
+            for domain, count in (("chat", spec.chat), ("code", spec.code))
+            for start in range(0, count, shard_size)]
+
+
+def shard_conversations(shard: ShardSpec) -> list[list[dict]]:
+    """[user, assistant] message pairs of one shard, to teacher-force."""
+    if shard.domain == "chat":
+        return chat_exchanges("train", shard.stop)[shard.start:shard.stop]
     # The same user turn the code prompts ask (tasks 0..119), answered with the task's canonical solution.
     code = [prompt + [{"role": "assistant", "content": f"```python\n{t['prompt']}{t['canonical_solution']}```"}]
-            for prompt, t in zip(code_prompts("train")[:spec.code], humaneval_tasks())]
-    return [("chat", m) for m in chat_exchanges("train", spec.chat)] + [("code", m) for m in code]
+            for prompt, t in zip(code_prompts("train"), humaneval_tasks())]
+    return code[shard.start:shard.stop]
 
 
-def build_or_load_corpus(loaded: LoadedModel, spec: CorpusSpec, directory: Path) -> DistillData:
-    spec_json, cached = load_cached(directory, spec)
+def build_or_load_corpus(loaded: LoadedModel, spec: CorpusSpec, directory: Path,
+                         shard_size: int = SHARD_SIZE) -> DataMix:
+    shards = corpus_shards(spec, shard_size)
+    parts = [build_or_load_shard(loaded, shard, directory / shard.dirname)
+             for shard in tqdm(shards, desc="corpus: shards", unit="shard", disable=len(shards) < 2)]
+    return DataMix([part for part in parts if part is not None])
+
+
+def build_or_load_shard(loaded: LoadedModel, shard: ShardSpec, directory: Path) -> DistillData | None:
+    """The shard's data (cached after the first call); None when none of its conversations is usable."""
+    spec_json, cached = load_cached(directory, shard)
     if cached is not None:
         return cached
-    seq_path, feat_path = directory / "sequences.pt", directory / "features.npy"
     tok = loaded.tokenizer
-    tokens, prompt_lens, domains = [], [], []
-    for domain, messages in corpus_conversations(spec):
+    tokens, prompt_lens = [], []
+    for messages in shard_conversations(shard):
         prompt = tok.encode_chat(messages[:1])
-        full = tok.encode_chat(messages, add_generation_prompt=False)[:spec.max_tokens]
+        full = tok.encode_chat(messages, add_generation_prompt=False)[:shard.max_tokens]
         # The reply must follow the prompt exactly as served, with room for a block of labels after it.
         if full[:len(prompt)] != prompt or len(full) - len(prompt) < 32:
             continue
         tokens.append(full)
         prompt_lens.append(len(prompt))
-        domains.append(domain)
-    labels = write_features(loaded, tokens, spec.target_layer_ids, feat_path, with_labels=True)
-    saved = {"spec": spec_json, "prompt_lens": prompt_lens, "tokens": tokens, "domains": domains, "labels": labels}
-    torch.save(saved, seq_path)
+    if not tokens:
+        return None
+    feat_path = directory / "features.npy"
+    labels = write_features(loaded, tokens, shard.target_layer_ids, feat_path, with_labels=True)
+    saved = {"spec": spec_json, "prompt_lens": prompt_lens, "tokens": tokens, "domains": [shard.domain] * len(tokens),
+             "labels": labels}
+    torch.save(saved, directory / "sequences.pt")
     return load_saved(saved, feat_path)

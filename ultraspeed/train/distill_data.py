@@ -50,6 +50,10 @@ class DistillData:
     def num_tokens(self) -> int:
         return int(self.offsets[-1])
 
+    @property
+    def weights(self) -> None:
+        return None                  # every sequence drawn equally often (see DataMix.shares)
+
     def sequence_features(self, i: int) -> torch.Tensor:
         return torch.from_numpy(np.asarray(self.features[self.offsets[i]:self.offsets[i + 1]], dtype=np.float32))
 
@@ -59,11 +63,18 @@ class DistillData:
 
 
 class DataMix:
-    """Several data sets trained on as one (each keeps its own feature file); same interface as DistillData."""
+    """Several data sets trained on as one (each keeps its own feature file); same interface as DistillData.
 
-    def __init__(self, parts: list[DistillData]) -> None:
+    shares: the fraction of training draws each part gets (e.g. keep the target's own text at a third of every
+    step however much teacher-forced text is added); None draws every sequence equally often."""
+
+    def __init__(self, parts: list, shares: list[float] | None = None) -> None:
+        if shares is not None and (len(shares) != len(parts) or min(shares) < 0 or sum(shares) <= 0):
+            raise ValueError(f"shares {shares} must be one non-negative number per part, not all zero")
         self.parts = parts
         self.index = [(part, i) for part in parts for i in range(len(part))]
+        self.weights = None if shares is None else \
+            [share / len(part) for part, share in zip(parts, shares) for _ in range(len(part))]
         self.tokens = [t for part in parts for t in part.tokens]
         self.prompt_lens = [n for part in parts for n in part.prompt_lens]
         self.domains = [d for part in parts for d in part.domains]

@@ -49,10 +49,22 @@ def sample_anchors(prompt_len: int, seq_len: int, block: int, count: int, rng: r
     return sorted(rng.sample(candidates, min(count, len(candidates))))
 
 
+def pick_sequences(usable: list[int], weights: list[float] | None, count: int, rng: random.Random) -> list[int]:
+    """count sequence indices for one step: distinct and uniform, or drawn by weight (a DataMix's shares)."""
+    if weights is None:
+        return rng.sample(usable, min(count, len(usable)))
+    return rng.choices(usable, weights=[weights[i] for i in usable], k=count)
+
+
 def block_loss(drafter: DFlashDrafter, target: Decoder, tokens: torch.Tensor, features: torch.Tensor,
                anchors: list[int], labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Loss for one sequence. tokens [S], features [S, K*H], labels [S] (the target's greedy token at each
-    position; default: the tokens, which the target generated itself); returns weighted CE and accuracy stats."""
+    position; default: the tokens, which the target generated itself); returns weighted CE and accuracy stats.
+
+    Slot k's label is what the target says after the tokens before it. When those tokens are text the target
+    would not have written (teacher-forced corpus), that label answers a context decoding never reaches: the
+    drafter only sees masks there, and a draft is only verified after the target's own choices. So slot k counts
+    only while tokens a+1 .. a+k-1 agree with the labels (always, for self-distilled data)."""
     c = drafter.config
     B, S, n = c.block_size, tokens.shape[0], len(anchors)
     anchor_t = torch.tensor(anchors)
@@ -70,16 +82,27 @@ def block_loss(drafter: DFlashDrafter, target: Decoder, tokens: torch.Tensor, fe
     hidden = drafter(embeds, positions, context, mask.view(1, 1, n * B, -1))
     hidden = hidden.view(n, B, -1)[:, 1:]                              # slot 0 is the known anchor
     logits = drafter.draft_logits(hidden, target.lm_head.weight)       # frozen head, grads flow to hidden
-    labels = draft_labels(drafter, (tokens if labels is None else labels)[positions.view(n, B)[:, 1:]])
+    labels = tokens if labels is None else labels
+    block_pos = positions.view(n, B)
+    on_path = on_target_path(tokens[block_pos], labels[block_pos]).reshape(-1).float()
+    labels = draft_labels(drafter, labels[block_pos[:, 1:]])
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1).clamp(min=0),
                          reduction="none")
     in_vocab = (labels.reshape(-1) >= 0).float()                      # a label outside the draft vocab: no loss
-    weights = torch.exp(-(slot[1:].float() - 1) / c.loss_decay_gamma).repeat(n) * in_vocab
+    weights = torch.exp(-(slot[1:].float() - 1) / c.loss_decay_gamma).repeat(n) * in_vocab * on_path
     loss = (ce * weights).sum() / weights.sum().clamp(min=1e-6)
     with torch.no_grad():
         correct = (logits.argmax(-1) == labels).int()
         accepted = correct.cumprod(dim=1).sum(dim=1).float() + 1      # tokens per step if drafted like this
     return loss, {"acc1": correct[:, 0].float().mean().item(), "tau": accepted.mean().item()}
+
+
+def on_target_path(block_tokens: torch.Tensor, block_labels: torch.Tensor) -> torch.Tensor:
+    """[n, B] tokens and labels of each block (slot 0 = anchor) -> [n, B-1] bool: slot k >= 1 is on the path
+    decoding can reach, i.e. the tokens at slots 1 .. k-1 are the target's own greedy choices."""
+    agree = (block_tokens[:, 1:-1] == block_labels[:, 1:-1]).int()
+    first = torch.ones_like(agree[:, :1])
+    return torch.cat([first, agree.cumprod(dim=1)], dim=1).bool()
 
 
 def draft_labels(drafter: DFlashDrafter, token_ids: torch.Tensor) -> torch.Tensor:
@@ -142,7 +165,7 @@ def train(drafter: DFlashDrafter, target: Decoder, data: DistillData | DataMix, 
             for group, lr in zip(opt.param_groups, lrs):
                 group["lr"] = lr * lr_factor(step, cfg)
         total, stats = 0.0, []
-        for i in rng.sample(usable, min(cfg.seqs_per_step, len(usable))):
+        for i in pick_sequences(usable, data.weights, cfg.seqs_per_step, rng):
             seq_len = min(len(data.tokens[i]), cfg.max_context)
             tokens = torch.tensor(data.tokens[i][:seq_len])
             anchors = sample_anchors(data.prompt_lens[i], seq_len, drafter.config.block_size, cfg.anchors_per_seq, rng)
