@@ -18,7 +18,7 @@ from ultraspeed.train.prompts import domain_prompts
 def served():
     loaded = load_model("default")
     drafter = load_drafter(drafter_for("default", None))
-    match_drafter_weights(drafter, apply_weight_format(loaded.model, "auto"))
+    match_drafter_weights(drafter, apply_weight_format(loaded.model, "auto"), loaded.model)
     return loaded, drafter
 
 

@@ -106,7 +106,7 @@ def _generate(args: argparse.Namespace, loaded: LoadedModel, env: DistEnv | None
         from ultraspeed.engine.verify_length import measure_step_cost
         from ultraspeed.models.dflash import load_drafter
         drafter = load_drafter(drafter_path)
-        match_drafter_weights(drafter, weights)
+        match_drafter_weights(drafter, weights, loaded.model)
         if env is not None:
             drafter.to(env.device)     # replicated: every rank drafts the same block
         if args.block_size:
@@ -385,7 +385,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if fast is not None:
             apply_weight_format(fast, args.weights)
         if drafter is not None:
-            match_drafter_weights(drafter, weights)
+            match_drafter_weights(drafter, weights, loaded.model)
     if drafter is not None and env is not None:
         drafter.to(env.device)                 # the drafter runs on rank 0 only: followers need no drafts
     config = ServerConfig(

@@ -55,7 +55,7 @@ def _timed(gen) -> float:
 def run_acceptance_bench(loaded, drafter: DFlashDrafter, cfg: AcceptanceConfig) -> dict:
     torch.set_num_threads(cfg.threads)
     weights = apply_weight_format(loaded.model, cfg.weights)        # the engine's serving format
-    match_drafter_weights(drafter, weights)
+    match_drafter_weights(drafter, weights, loaded.model)
     model, tok = loaded.model, loaded.tokenizer
     params = SamplingParams(max_tokens=cfg.max_tokens)
     cache = model.new_cache(1, 2048)

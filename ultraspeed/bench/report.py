@@ -262,7 +262,7 @@ def build_runners(job: SystemJob) -> tuple[dict[int, Runner], dict]:
     from ultraspeed.engine.verify_length import measure_step_cost
     from ultraspeed.models.dflash import load_drafter, with_block_size
     drafter = load_drafter(job.drafter)
-    match_drafter_weights(drafter, facts["weights"])
+    match_drafter_weights(drafter, facts["weights"], loaded.model)
     facts["block_size"] = drafter.config.block_size
     cache = loaded.model.new_cache(1, job.context_tokens(drafter.config.block_size))   # one, shared by the sweep
     blocks = sorted({drafter.config.block_size, *job.block_sizes})

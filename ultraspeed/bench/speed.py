@@ -91,7 +91,7 @@ def run_speed_bench(cfg: SpeedConfig) -> dict:
     if cfg.drafter:
         from ultraspeed.models.dflash import load_drafter
         drafter = load_drafter(cfg.drafter)
-        match_drafter_weights(drafter, report["weights"])
+        match_drafter_weights(drafter, report["weights"], loaded.model)
         step_cost = measure_step_cost(loaded.model, drafter)            # adaptive verification, as generate runs
         systems["ultraspeed_dflash"] = measure(engine_runner(loaded, drafter, step_cost), prompts, cfg.new_tokens,
                                                cfg.repeats, "ours dflash")

@@ -155,6 +155,9 @@ class DFlashDrafter(nn.Module):
         cos, sin = rope_table(RopeConfig(theta=c.rope_theta), c.head_dim, c.max_position)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # Serving may install a quantized copy of the draft head (quant/int8.match_drafter_weights); training
+        # keeps the fp32 rows it backpropagates through.
+        self.served_head: nn.Module | None = None
 
     def rope_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [b, N] -> cos, sin [b, 1, N, D]"""
@@ -176,6 +179,8 @@ class DFlashDrafter(nn.Module):
 
     def draft_logits(self, hidden: torch.Tensor, lm_head_weight: torch.Tensor) -> torch.Tensor:
         """Logits over the draft vocabulary (full vocabulary if none was chosen)."""
+        if self.served_head is not None:
+            return self.served_head(hidden)
         return F.linear(hidden.contiguous(), self.draft_head(lm_head_weight))
 
     def to_token_ids(self, draft_indices: torch.Tensor) -> torch.Tensor:
