@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tests.helpers import hf_model, ours_from_hf
+from ultraspeed.engine import verify_length
 from ultraspeed.engine.verify_length import StepCost, choose_verify_length, expected_tokens, measure_step_cost
 from ultraspeed.models.dflash import DFlashConfig, DFlashDrafter, init_random
 
@@ -52,3 +53,19 @@ def test_measure_step_cost_times_the_model(tmp_path):
 def test_a_zero_cost_model_still_chooses_a_length(bad):
     """Degenerate timings (a clock too coarse to see a tiny model) must not divide by zero."""
     assert 0 <= choose_verify_length(torch.full((1, 3), 0.5), bad) <= 3
+
+
+def test_step_costs_are_timed_in_interleaved_rounds(monkeypatch):
+    # A fake clock: each call takes 1 s, except that round 2 (a slow spell of the machine) takes 10 s for all.
+    calls, clock = [], [0.0]
+    monkeypatch.setattr(verify_length.time, "perf_counter", lambda: clock[0])
+
+    def fn(name):
+        def run():
+            calls.append(name)
+            clock[0] += 10.0 if len(calls) in (7, 8, 9) else 1.0 + 0.1 * "abc".index(name)
+        return run
+
+    medians = verify_length._timed_rounds([fn("a"), fn("b"), fn("c")], torch.device("cpu"), repeats=3)
+    assert calls == ["a", "b", "c"] * 4                     # one warm-up round, then 3 rounds of all three
+    assert medians == pytest.approx([1.0, 1.1, 1.2])        # the slow round shifts no median

@@ -56,23 +56,27 @@ def choose_verify_length(confidence: torch.Tensor, cost: StepCost) -> int:
     return n - int((tokens / seconds).flip(0).argmax())
 
 
-def _timed(fn, device: torch.device, repeats: int) -> float:
-    """Median seconds of fn() after one warm-up call (synchronising a GPU so the time is the kernels')."""
-    times = []
+def _timed_rounds(fns: list, device: torch.device, repeats: int) -> list[float]:
+    """Median seconds of each fn, timed in interleaved rounds after one warm-up round (synchronising a GPU so
+    the time is the kernels'). Interleaving matters on a shared machine: a slow spell then stretches every
+    measurement of its round alike instead of one of them, which would skew the fitted line for the whole run
+    (seen: a 1-thread burst made 8-position verifies look 10x dearer per position than they are)."""
+    times: list[list[float]] = [[] for _ in fns]
     for i in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, out in zip(fns, times):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i:
+                out.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 @torch.inference_mode()
-def measure_step_cost(target, drafter, repeats: int = 3, context: int = 32) -> StepCost:
+def measure_step_cost(target, drafter, repeats: int = 5, context: int = 32) -> StepCost:
     """Time a drafter forward and target forwards of 1 and B positions after a short dummy context, on caches
     of their own (one row, a few dozen positions)."""
     # Imported here: speculative.py imports this module for the rule itself.
@@ -92,7 +96,7 @@ def measure_step_cost(target, drafter, repeats: int = 3, context: int = 32) -> S
             target(ids[:, context:context + n], cache, layers)
         return run
 
-    draft = _timed(lambda: draft_block(drafter, target, draft_cache, ids[0, :1]), device, repeats)
-    one, block = _timed(verify(1), device, repeats), _timed(verify(B), device, repeats)
+    draft, one, block = _timed_rounds([lambda: draft_block(drafter, target, draft_cache, ids[0, :1]), verify(1),
+                                       verify(B)], device, repeats)
     per_token = max(block - one, 0.0) / max(B - 1, 1)
     return StepCost(draft=draft, fixed=max(one - per_token, 0.0), per_token=per_token)
