@@ -1,6 +1,6 @@
 """The drafter trainer on a tiny random target: anchors stay inside the response, training lowers the block loss
-and resumes from its checkpoint, and self-distillation data generation resumes after an interruption with the
-same result as an uninterrupted run."""
+and resumes from its checkpoint, and self-distillation data is built in shards that an interrupted or a larger
+run reuses, with the same result as an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -83,35 +83,42 @@ def test_training_lowers_the_block_loss_and_resumes(target, tmp_path):
     assert torch.load(tmp_path / "checkpoint.pt")["step"] == 65
 
 
-def test_distillation_generation_resumes_after_an_interruption(target, tmp_path, monkeypatch):
+def test_distillation_data_is_built_in_shards_that_survive_interruptions_and_growth(target, tmp_path,
+                                                                                   monkeypatch):
     class Tok:
         stop_token_ids = (EOS,)
 
         def encode_chat(self, messages):
             return [ord(c) % 90 + 1 for c in messages[0]["content"]]
 
-    prompts = {"chat": [[{"role": "user", "content": f"prompt {i} " + "x" * (i % 5)}] for i in range(13)]}
+    prompts = {"chat": [[{"role": "user", "content": f"prompt {i} " + "x" * (i % 5)}] for i in range(18)]}
     monkeypatch.setattr(distill_data, "domain_prompts", lambda domain, split, count: prompts[domain][:count])
     loaded = SimpleNamespace(model=target, tokenizer=Tok())
     spec = DistillSpec(counts=(("chat", 13),), max_new_tokens=6, target_layer_ids=(0, 1))
 
-    clean = build_or_load(loaded, spec, tmp_path / "clean", batch=2)     # chunks of 4 * batch = 8 prompts
+    clean = build_or_load(loaded, spec, tmp_path / "clean", batch=2, shard_size=5)   # [0, 5) [5, 10) [10, 13)
 
     real, calls = distill_data.generate_batch, []
 
-    def fail_on_second_chunk(model, todo, *args, **kw):
+    def fail_on_second_shard(model, todo, *args, **kw):
         calls.append(len(todo))
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(model, todo, *args, **kw)
-    monkeypatch.setattr(distill_data, "generate_batch", fail_on_second_chunk)
+    monkeypatch.setattr(distill_data, "generate_batch", fail_on_second_shard)
     with pytest.raises(KeyboardInterrupt):
-        build_or_load(loaded, spec, tmp_path / "resumed", batch=2)
-    assert (tmp_path / "resumed" / "responses.partial.pt").exists()
+        build_or_load(loaded, spec, tmp_path / "resumed", batch=2, shard_size=5)
     calls.clear()
     monkeypatch.setattr(distill_data, "generate_batch", lambda *a, **kw: (calls.append(len(a[1])), real(*a, **kw))[1])
-    resumed = build_or_load(loaded, spec, tmp_path / "resumed", batch=2)
-    assert calls == [5]                          # only the 13 - 8 prompts the first run had not finished
+    resumed = build_or_load(loaded, spec, tmp_path / "resumed", batch=2, shard_size=5)
+    assert calls == [5, 3]                       # the first shard was kept; the interrupted one is redone
     assert resumed.tokens == clean.tokens and resumed.prompt_lens == clean.prompt_lens
-    assert np.array_equal(np.asarray(resumed.features), np.asarray(clean.features))
-    assert not (tmp_path / "resumed" / "responses.partial.pt").exists()
+    assert resumed.domains == ["chat"] * 13
+    same = [np.array_equal(resumed.sequence_features(i).numpy(), clean.sequence_features(i).numpy())
+            for i in range(13)]
+    assert all(same)
+
+    calls.clear()
+    grown = build_or_load(loaded, replace(spec, counts=(("chat", 18),)), tmp_path / "resumed", batch=2, shard_size=5)
+    assert calls == [5, 3]                       # [10, 15) and [15, 18): the two full shards are reused
+    assert grown.tokens[:10] == clean.tokens[:10] and len(grown) == 18

@@ -17,11 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
 from ultraspeed.loader import LoadedModel
-from ultraspeed.train.distill_data import DataMix, DistillData, load_cached, load_saved, write_features
+from ultraspeed.train.distill_data import (DataMix, DistillData, Shard, load_cached, load_shards, save_sequences,
+                                          shard_bounds, write_features)
 from ultraspeed.train.prompts import chat_exchanges, code_prompts, humaneval_tasks
 
 SHARD_SIZE = 200
@@ -38,28 +36,19 @@ class CorpusSpec:
 
 
 @dataclass(frozen=True)
-class ShardSpec:
-    """Conversations [start, stop) of one domain, and everything else their cached forwards depend on."""
-    domain: str
-    start: int
-    stop: int
+class ShardSpec(Shard):
+    """A shard of conversations, and everything else their cached forwards depend on."""
     max_tokens: int
     target_layer_ids: tuple[int, ...]
     model: str
     weights: str
 
-    @property
-    def dirname(self) -> str:
-        return f"{self.domain}-{self.start:06d}-{self.stop:06d}"
-
 
 def corpus_shards(spec: CorpusSpec, shard_size: int = SHARD_SIZE) -> list[ShardSpec]:
-    """Fixed boundaries (multiples of shard_size), so a larger spec shares every full shard of a smaller one."""
     common = dict(max_tokens=spec.max_tokens, target_layer_ids=spec.target_layer_ids, model=spec.model,
                   weights=spec.weights)
-    return [ShardSpec(domain, start, min(start + shard_size, count), **common)
-            for domain, count in (("chat", spec.chat), ("code", spec.code))
-            for start in range(0, count, shard_size)]
+    return [ShardSpec(*bounds, **common)
+            for bounds in shard_bounds((("chat", spec.chat), ("code", spec.code)), shard_size)]
 
 
 def shard_conversations(shard: ShardSpec) -> list[list[dict]]:
@@ -74,10 +63,8 @@ def shard_conversations(shard: ShardSpec) -> list[list[dict]]:
 
 def build_or_load_corpus(loaded: LoadedModel, spec: CorpusSpec, directory: Path,
                          shard_size: int = SHARD_SIZE) -> DataMix:
-    shards = corpus_shards(spec, shard_size)
-    parts = [build_or_load_shard(loaded, shard, directory / shard.dirname)
-             for shard in tqdm(shards, desc="corpus: shards", unit="shard", disable=len(shards) < 2)]
-    return DataMix([part for part in parts if part is not None])
+    return load_shards(corpus_shards(spec, shard_size), directory, "corpus",
+                       lambda shard, path: build_or_load_shard(loaded, shard, path))
 
 
 def build_or_load_shard(loaded: LoadedModel, shard: ShardSpec, directory: Path) -> DistillData | None:
@@ -101,5 +88,4 @@ def build_or_load_shard(loaded: LoadedModel, shard: ShardSpec, directory: Path) 
     labels = write_features(loaded, tokens, shard.target_layer_ids, feat_path, with_labels=True)
     saved = {"spec": spec_json, "prompt_lens": prompt_lens, "tokens": tokens, "domains": [shard.domain] * len(tokens),
              "labels": labels}
-    torch.save(saved, directory / "sequences.pt")
-    return load_saved(saved, feat_path)
+    return save_sequences(saved, directory)

@@ -1,7 +1,10 @@
 """Self-distillation data for the drafter: the target answers prompts itself; we keep its tokens and its
 teacher-forced hidden features, cached on disk so training epochs never rerun the target.
 
-Files in the data directory:
+The data is built in shards of SHARD_SIZE prompts of one domain, each cached in its own directory
+(`code-000000-000050/`, ...): the target writes ~3k tokens a minute on a 2-core CPU, so an interrupted run loses at
+most one shard, and asking for more prompts later reuses every full shard of the smaller request (the prompt lists
+are prefix-stable) and generates only the new ones. Files in a shard directory:
     sequences.pt   {"spec": ..., "prompt_lens": [...], "tokens": [[...]], "domains": [...], "labels": ...}
     features.npy   float16 [total_tokens, K*H]: concatenated outputs of the drafter's target layers
 ("labels", only for teacher-forced text from train/corpus_data.py: the target's own greedy prediction at every
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -24,6 +28,9 @@ from ultraspeed.loader import LoadedModel
 from ultraspeed.train.prompts import domain_prompts
 
 
+SHARD_SIZE = 50
+
+
 @dataclass(frozen=True)
 class DistillSpec:
     counts: tuple[tuple[str, int], ...] = (("code", 120), ("math", 200), ("chat", 300), ("agent", 120))
@@ -32,6 +39,41 @@ class DistillSpec:
     target_layer_ids: tuple[int, ...] = ()
     model: str = "default"
     weights: str = "checkpoint"     # the target's dense weight format while generating ("int8" on a CPU)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Items [start, stop) of one domain's prompt or text list: the unit of caching (one directory each)."""
+    domain: str
+    start: int
+    stop: int
+
+    @property
+    def dirname(self) -> str:
+        return f"{self.domain}-{self.start:06d}-{self.stop:06d}"
+
+
+def shard_bounds(counts, shard_size: int) -> list[tuple[str, int, int]]:
+    """(domain, start, stop) at fixed boundaries (multiples of shard_size), so a larger request shares every full
+    shard of a smaller one."""
+    return [(domain, start, min(start + shard_size, count)) for domain, count in counts
+            for start in range(0, count, shard_size)]
+
+
+@dataclass(frozen=True)
+class DistillShard(Shard):
+    """A shard of training prompts, and everything else the target's cached responses to them depend on."""
+    max_new_tokens: int
+    max_prompt_tokens: int
+    target_layer_ids: tuple[int, ...]
+    model: str
+    weights: str
+
+
+def distill_shards(spec: DistillSpec, shard_size: int = SHARD_SIZE) -> list[DistillShard]:
+    common = dict(max_new_tokens=spec.max_new_tokens, max_prompt_tokens=spec.max_prompt_tokens,
+                  target_layer_ids=spec.target_layer_ids, model=spec.model, weights=spec.weights)
+    return [DistillShard(*bounds, **common) for bounds in shard_bounds(spec.counts, shard_size)]
 
 
 @dataclass
@@ -108,48 +150,42 @@ def load_cached(directory: Path, spec) -> tuple[str, DistillData | None]:
     return spec_json, None
 
 
-def build_or_load(loaded: LoadedModel, spec: DistillSpec, directory: Path, batch: int = 16) -> DistillData:
-    spec_json, cached = load_cached(directory, spec)
+def build_or_load(loaded: LoadedModel, spec: DistillSpec, directory: Path, batch: int = 16,
+                  shard_size: int = SHARD_SIZE) -> DataMix:
+    return load_shards(distill_shards(spec, shard_size), directory, "distill",
+                       lambda shard, path: build_or_load_shard(loaded, shard, path, batch))
+
+
+def load_shards(shards: list, directory: Path, name: str,
+                build_or_load_one: Callable[[object, Path], "DistillData | None"]) -> DataMix:
+    """Every shard's data (each built on first use in directory/<shard.dirname>), shards with nothing usable left
+    out. Shared by the self-distilled and the teacher-forced data."""
+    parts = [build_or_load_one(shard, directory / shard.dirname)
+             for shard in tqdm(shards, desc=f"{name}: shards", unit="shard", disable=len(shards) < 2)]
+    return DataMix([part for part in parts if part is not None])
+
+
+def build_or_load_shard(loaded: LoadedModel, shard: DistillShard, directory: Path, batch: int) -> DistillData | None:
+    """One shard of self-distilled data (the target's greedy responses and their features), cached after the
+    first call; None when none of its prompts fits max_prompt_tokens."""
+    spec_json, cached = load_cached(directory, shard)
     if cached is not None:
         return cached
-    seq_path, feat_path = directory / "sequences.pt", directory / "features.npy"
     tok = loaded.tokenizer
-    prompts, domains = [], []
-    for domain, count in spec.counts:
-        for messages in domain_prompts(domain, "train", count):
-            ids = tok.encode_chat(messages)
-            if len(ids) <= spec.max_prompt_tokens:
-                prompts.append(ids)
-                domains.append(domain)
-    responses = _generate_resumable(loaded, prompts, spec, spec_json, directory / "responses.partial.pt", batch)
+    chosen = domain_prompts(shard.domain, "train", shard.stop)[shard.start:shard.stop]
+    prompts = [ids for ids in map(tok.encode_chat, chosen) if len(ids) <= shard.max_prompt_tokens]
+    if not prompts:
+        return None
+    params = SamplingParams(temperature=0.0, max_tokens=shard.max_new_tokens)
+    with tqdm(total=len(prompts), desc=f"distill: target answers {shard.dirname}", unit="seq", leave=False) as bar:
+        responses = generate_batch(loaded.model, prompts, params, tok.stop_token_ids, max_batch=batch,
+                                   on_finish=lambda i, toks: bar.update(1))
     tokens = [p + r for p, r in zip(prompts, responses)]
-    write_features(loaded, tokens, spec.target_layer_ids, feat_path)
-    saved = {"spec": spec_json, "prompt_lens": [len(p) for p in prompts], "tokens": tokens, "domains": domains}
-    torch.save(saved, seq_path)
-    (directory / "responses.partial.pt").unlink(missing_ok=True)
-    return load_saved(saved, feat_path)
-
-
-def _generate_resumable(loaded: LoadedModel, prompts: list[list[int]], spec: DistillSpec, spec_json: str,
-                        partial: Path, batch: int) -> list[list[int]]:
-    """The target's greedy responses, generated in chunks of a few batches; each finished chunk is saved to
-    `partial`, so an interrupted run (hours on a CPU) resumes where it stopped instead of starting over."""
-    done: list[list[int]] = []
-    if partial.exists():
-        saved = torch.load(partial)
-        if saved["spec"] == spec_json:
-            done = saved["responses"]
-    params = SamplingParams(temperature=0.0, max_tokens=spec.max_new_tokens)
-    bar = tqdm(total=len(prompts), initial=len(done), desc="distill: target generates responses", unit="seq")
-    chunk = 4 * batch
-    while len(done) < len(prompts):
-        todo = prompts[len(done):len(done) + chunk]
-        done += generate_batch(loaded.model, todo, params, loaded.tokenizer.stop_token_ids, max_batch=batch,
-                               on_finish=lambda i, toks: bar.update(1))
-        torch.save({"spec": spec_json, "responses": done}, partial.with_suffix(".tmp"))
-        partial.with_suffix(".tmp").replace(partial)
-    bar.close()
-    return done
+    feat_path = directory / "features.npy"
+    write_features(loaded, tokens, shard.target_layer_ids, feat_path)
+    saved = {"spec": spec_json, "prompt_lens": [len(p) for p in prompts], "tokens": tokens,
+             "domains": [shard.domain] * len(tokens)}
+    return save_sequences(saved, directory)
 
 
 @torch.inference_mode()
@@ -175,6 +211,15 @@ def write_features(loaded: LoadedModel, tokens: list[list[int]], layers: tuple[i
     del out
     path.with_suffix(".tmp.npy").rename(path)
     return labels if with_labels else None
+
+
+def save_sequences(saved: dict, directory: Path) -> DistillData:
+    """Write sequences.pt last and atomically: a shard directory holding it is complete (features.npy is already
+    in place), so an interrupted build never leaves a shard that loads half-written."""
+    tmp = directory / "sequences.tmp.pt"
+    torch.save(saved, tmp)
+    tmp.replace(directory / "sequences.pt")
+    return load_saved(saved, directory / "features.npy")
 
 
 def load_saved(saved: dict, feat_path: Path) -> DistillData:
