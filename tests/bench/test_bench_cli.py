@@ -82,3 +82,30 @@ def test_acceptance_config_rejects_an_unknown_split():
     from ultraspeed.bench.acceptance import AcceptanceConfig
     with pytest.raises(ValueError, match="split"):
         AcceptanceConfig(split="test")
+
+
+def test_bench_acceptance_runs_every_configuration_on_a_prompt_back_to_back(capsys, tmp_path, monkeypatch):
+    """Speed-ups are ratios: each prompt runs plain and every block/verify mode in a row, in a rotating order,
+    so a slow spell of the machine cannot fall on one configuration only."""
+    import ultraspeed.bench.acceptance as acceptance
+    order = []
+    real_plain, real_spec = acceptance.generate_plain, acceptance.generate_speculative
+
+    def plain(model, prompt, *args, **kw):
+        order.append((len(prompt), "plain"))
+        return real_plain(model, prompt, *args, **kw)
+
+    def speculative(model, drafter, prompt, *args, step_cost=None, **kw):
+        order.append((len(prompt), "adaptive" if step_cost is not None else "full"))
+        return real_spec(model, drafter, prompt, *args, step_cost=step_cost, **kw)
+
+    monkeypatch.setattr(acceptance, "generate_plain", plain)
+    monkeypatch.setattr(acceptance, "generate_speculative", speculative)
+    path = random_drafter_file(tmp_path, block_size=4)
+    assert main(["bench", "acceptance", "--drafter", str(path), "--domains", "math", "--block-sizes", "4",
+                 "--prompts", "2", "--max-tokens", "3", "--threads", "1", "--json"]) == 0
+    first, second = order[0][0], order[3][0]
+    assert first != second
+    assert order == [(first, "plain"), (first, "full"), (first, "adaptive"),
+                     (second, "full"), (second, "adaptive"), (second, "plain")]
+    assert json.loads(capsys.readouterr().out)["results"]["math"]["prompts"] == 2

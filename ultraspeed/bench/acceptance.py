@@ -65,32 +65,34 @@ def run_acceptance_bench(loaded, drafter: DFlashDrafter, cfg: AcceptanceConfig) 
     # Step costs for adaptive verification, timed once per block size before any timed run.
     costs = {b: measure_step_cost(model, with_block_size(drafter, b)) for b in cfg.block_sizes if cfg.adaptive}
     report["step_costs"] = {str(b): dataclasses.asdict(c) for b, c in costs.items()}
-    total = len(cfg.domains) * cfg.prompts_per_domain
-    bar = tqdm(total=total * (1 + len(cfg.block_sizes) * (1 + cfg.adaptive)), desc="bench acceptance", unit="run")
+    # Every timed configuration: plain decoding, then each block size in each verify mode.
+    modes = ("full", "adaptive") if cfg.adaptive else ("full",)
+    configs = [("plain", None)] + [(str(b), verify) for b in cfg.block_sizes for verify in modes]
+    drafters = {str(b): with_block_size(drafter, b) for b in cfg.block_sizes}
+    bar = tqdm(total=len(cfg.domains) * cfg.prompts_per_domain * len(configs), desc="bench acceptance", unit="run")
     for domain in cfg.domains:
         prompts = [tok.encode_chat(m) for m in domain_prompts(domain, cfg.split, cfg.prompts_per_domain)]
-        plain_seconds, plain_tokens = [], []
-        for prompt in prompts:
-            stats = GenerationStats()
-            plain_seconds.append(_timed(generate_plain(model, prompt, params, tok.stop_token_ids, cache, stats)))
-            plain_tokens.append(stats.new_tokens)
-            bar.update(1)
+        seconds: dict[tuple, list[float]] = {c: [] for c in configs}
+        stats: dict[tuple, list[GenerationStats]] = {c: [] for c in configs}
+        for i, prompt in enumerate(prompts):
+            # All configurations run back to back on each prompt, starting one later each time: a slow spell
+            # of a shared machine then lands on every configuration alike instead of on whichever ran then.
+            for block, verify in configs[i % len(configs):] + configs[:i % len(configs)]:
+                st = GenerationStats()
+                run = (generate_plain(model, prompt, params, tok.stop_token_ids, cache, st) if block == "plain" else
+                       generate_speculative(model, drafters[block], prompt, params, tok.stop_token_ids, cache, st,
+                                            step_cost=costs[int(block)] if verify == "adaptive" else None))
+                seconds[block, verify].append(_timed(run))
+                stats[block, verify].append(st)
+                bar.update(1)
+        plain_seconds, plain_tokens = seconds["plain", None], [st.new_tokens for st in stats["plain", None]]
         per_block = {}
-        for block_size in cfg.block_sizes:
-            d = with_block_size(drafter, block_size)
-            runs, modes = {}, {"full": None, **({"adaptive": costs[block_size]} if cfg.adaptive else {})}
-            for verify, step_cost in modes.items():
-                seconds, runs[verify] = [], []
-                for prompt in prompts:
-                    stats = GenerationStats()
-                    seconds.append(_timed(generate_speculative(model, d, prompt, params, tok.stop_token_ids, cache,
-                                                               stats, step_cost=step_cost)))
-                    runs[verify].append(stats)
-                    bar.update(1)
-                runs[verify] = summarise(runs[verify], seconds, plain_tokens, plain_seconds, block_size)
+        for block in drafters:
+            runs = {verify: summarise(stats[block, verify], seconds[block, verify], plain_tokens, plain_seconds,
+                                      int(block)) for verify in modes}
             # The drafter's quality is its acceptance over whole blocks; adaptive verification trades some of it
             # for cheaper steps, so its own acceptance is reported beside its speed.
-            per_block[str(block_size)] = {**runs["full"], **({"adaptive": runs["adaptive"]} if cfg.adaptive else {})}
+            per_block[block] = {**runs["full"], **({"adaptive": runs["adaptive"]} if cfg.adaptive else {})}
         report["results"][domain] = {
             "prompts": len(prompts),
             "plain_tokens_per_s": round(sum(plain_tokens) / sum(plain_seconds), 2),
