@@ -1,5 +1,5 @@
 """Command-line flags whose parsing carries a rule: --min-accepted auto and its fallback without step costs,
---corpus-share and the text it needs."""
+--corpus-share and the text it needs, --block-size auto."""
 
 import argparse
 
@@ -46,3 +46,12 @@ def test_corpus_share_without_text_fails_before_loading_anything(tmp_path, capsy
                  "--out", str(tmp_path / "out")]) != 0
     assert "--corpus-share needs teacher-forced text" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_block_size_is_auto_or_a_real_block(capsys):
+    assert parse().block_size == 0 and parse("--block-size", "12").block_size == 12
+    assert build_parser().parse_args(["serve", "--block-size", "4"]).block_size == 4
+    for bad in ("1", "-3", "eight"):
+        with pytest.raises(SystemExit):
+            parse("--block-size", bad)
+        assert "expected 0 (auto) or a block length of at least 2" in capsys.readouterr().err

@@ -1,15 +1,17 @@
 """The shipped DFlash drafter on the embedded default model, served as `generate` serves it (int8 dense weights
-on a CPU): speculative output, whole-block or adaptive verification, equals plain greedy decoding."""
+on a CPU): speculative output, whole blocks or the CPU's shorter blocks with adaptive verification, equals plain
+greedy decoding."""
 
 import pytest
+import torch
 
 from ultraspeed.drafters import drafter_for
 from ultraspeed.engine.generate import GenerationStats, generate_plain
 from ultraspeed.engine.sampler import SamplingParams
 from ultraspeed.engine.speculative import generate_speculative
-from ultraspeed.engine.verify_length import measure_step_cost
+from ultraspeed.engine.verify_length import measure_step_cost, serving_block_size
 from ultraspeed.loader import load_model
-from ultraspeed.models.dflash import load_drafter
+from ultraspeed.models.dflash import load_drafter, with_block_size
 from ultraspeed.quant.int8 import apply_weight_format, match_drafter_weights
 from ultraspeed.train.prompts import domain_prompts
 
@@ -29,8 +31,10 @@ def test_shipped_drafter_is_lossless_on_the_default_model(served, domain):
     prompt = tok.encode_chat(domain_prompts(domain, "eval", 1)[0])
     params = SamplingParams(max_tokens=40, ignore_eos=True)
     plain = sum(generate_plain(model, prompt, params), [])
-    step_cost = measure_step_cost(model, drafter, repeats=1)
-    for cost in (None, step_cost):
+    # Whole blocks of the drafter's own length, and what `generate` serves on a CPU: shorter blocks, adaptive.
+    served = with_block_size(drafter, serving_block_size(drafter.config.block_size, 0, torch.device("cpu")))
+    assert served.config.block_size < drafter.config.block_size
+    for d, cost in ((drafter, None), (served, measure_step_cost(model, served, repeats=1))):
         stats = GenerationStats()
-        assert sum(generate_speculative(model, drafter, prompt, params, stats=stats, step_cost=cost), []) == plain
+        assert sum(generate_speculative(model, d, prompt, params, stats=stats, step_cost=cost), []) == plain
         assert stats.target_forwards < 40          # the drafter really committed several tokens in some steps

@@ -51,6 +51,27 @@ def min_accepted_for(args: argparse.Namespace, adaptive: bool) -> float | None:
     return 2.0 if args.min_accepted is None and not adaptive else args.min_accepted
 
 
+def block_size_arg(text: str) -> int:
+    value = int(text) if text.lstrip("-").isdigit() else -1
+    if value == 1 or value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 (auto) or a block length of at least 2, not {text!r}")
+    return value
+
+
+def add_block_size_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--block-size", type=block_size_arg, default=0,
+                   help="draft block length; 0 (default) = auto: 8 on a CPU, where few drafts are worth verifying "
+                        "and a shorter block drafts faster, the drafter's own block elsewhere")
+
+
+def served_block(drafter, requested: int, target):
+    """The drafter drafting the block length `--block-size` asks for (see serving_block_size)."""
+    from ultraspeed.engine.verify_length import serving_block_size
+    from ultraspeed.models.dflash import with_block_size
+    device = target.embed_tokens.weight.device
+    return with_block_size(drafter, serving_block_size(drafter.config.block_size, requested, device))
+
+
 def add_verify_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify", choices=["adaptive", "full"], default="adaptive",
                    help="adaptive (default): verify only the drafts worth their time, from step costs timed at "
@@ -109,9 +130,7 @@ def _generate(args: argparse.Namespace, loaded: LoadedModel, env: DistEnv | None
         match_drafter_weights(drafter, weights, loaded.model)
         if env is not None:
             drafter.to(env.device)     # replicated: every rank drafts the same block
-        if args.block_size:
-            from ultraspeed.models.dflash import with_block_size
-            drafter = with_block_size(drafter, args.block_size)
+        drafter = served_block(drafter, args.block_size, loaded.model)
         # Sharded ranks time differently and would choose different verify lengths: they verify whole blocks.
         step_cost = measure_step_cost(loaded.model, drafter) if args.verify == "adaptive" and env is None else None
         tokens = generate_speculative(loaded.model, drafter, prompt_ids, params, tok.stop_token_ids, stats=stats,
@@ -386,6 +405,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             apply_weight_format(fast, args.weights)
         if drafter is not None:
             match_drafter_weights(drafter, weights, loaded.model)
+    if drafter is not None:
+        drafter = served_block(drafter, args.block_size, loaded.model)
     if drafter is not None and env is not None:
         drafter.to(env.device)                 # the drafter runs on rank 0 only: followers need no drafts
     config = ServerConfig(
@@ -421,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a Hugging Face model directory, a .gguf file, or 'default' (SmolLM2-135M-Instruct)")
     g.add_argument("--no-spec", action="store_true", help="plain decoding, no speculative drafter")
     g.add_argument("--drafter", default=None, help="DFlash drafter .safetensors (default model: the shipped one)")
-    g.add_argument("--block-size", type=int, default=0, help="draft block length (default: the drafter's own)")
+    add_block_size_flag(g)
     g.add_argument("--min-accepted", type=min_accepted_arg, default="auto",
                    help="after 4 speculative steps, decode plainly if fewer tokens than this are committed per "
                         "step (verification would cost more than it saves; output unchanged). auto (default): "
@@ -481,6 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "probe steps finishes with plain decoding (same output, cheaper steps). auto (default): "
                         "the break-even of the step costs timed at start-up (2 with --verify full); 0 = never")
     add_verify_flag(s)
+    add_block_size_flag(s)
     s.add_argument("--ultraspeed-experts", choices=["mxfp4", "original"], default="mxfp4",
                    help="expert weights of the ultraspeed tier (mxfp4: its own engine and weights; for a dense "
                         "model the MLP is the expert)")

@@ -69,3 +69,12 @@ def test_step_costs_are_timed_in_interleaved_rounds(monkeypatch):
     medians = verify_length._timed_rounds([fn("a"), fn("b"), fn("c")], torch.device("cpu"), repeats=3)
     assert calls == ["a", "b", "c"] * 4                     # one warm-up round, then 3 rounds of all three
     assert medians == pytest.approx([1.0, 1.1, 1.2])        # the slow round shifts no median
+
+
+def test_a_cpu_drafts_short_blocks_unless_told_otherwise():
+    from ultraspeed.engine.verify_length import CPU_BLOCK_SIZE, serving_block_size
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert serving_block_size(16, 0, cpu) == CPU_BLOCK_SIZE == 8
+    assert serving_block_size(4, 0, cpu) == 4                   # never longer than the drafter was trained for
+    assert serving_block_size(16, 0, gpu) == 16                 # verification is ~free there: the whole block
+    assert serving_block_size(16, 12, cpu) == 12 and serving_block_size(16, 4, gpu) == 4
