@@ -52,8 +52,11 @@ def min_accepted_for(args: argparse.Namespace, adaptive: bool) -> float | None:
 
 
 def block_size_arg(text: str) -> int:
-    value = int(text) if text.lstrip("-").isdigit() else -1
-    if value == 1 or value < 0:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value == 1 or value < 0:
         raise argparse.ArgumentTypeError(f"expected 0 (auto) or a block length of at least 2, not {text!r}")
     return value
 
@@ -407,8 +410,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             match_drafter_weights(drafter, weights, loaded.model)
     if drafter is not None:
         drafter = served_block(drafter, args.block_size, loaded.model)
-    if drafter is not None and env is not None:
-        drafter.to(env.device)                 # the drafter runs on rank 0 only: followers need no drafts
+        if env is not None:
+            drafter.to(env.device)             # the drafter runs on rank 0 only: followers need no drafts
     config = ServerConfig(
         model_name=args.served_model_name or model_name_from_source(loaded.source),
         standard_max_running=args.max_concurrent, ultraspeed_max_running=args.ultraspeed_max_concurrent,

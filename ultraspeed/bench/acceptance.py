@@ -67,8 +67,8 @@ def run_acceptance_bench(loaded, drafter: DFlashDrafter, cfg: AcceptanceConfig) 
     report["step_costs"] = {str(b): dataclasses.asdict(c) for b, c in costs.items()}
     # Every timed configuration: plain decoding, then each block size in each verify mode.
     modes = ("full", "adaptive") if cfg.adaptive else ("full",)
-    configs = [("plain", None)] + [(str(b), verify) for b in cfg.block_sizes for verify in modes]
-    drafters = {str(b): with_block_size(drafter, b) for b in cfg.block_sizes}
+    configs = [(None, None)] + [(b, verify) for b in cfg.block_sizes for verify in modes]   # block None: plain
+    drafters = {b: with_block_size(drafter, b) for b in cfg.block_sizes}
     bar = tqdm(total=len(cfg.domains) * cfg.prompts_per_domain * len(configs), desc="bench acceptance", unit="run")
     for domain in cfg.domains:
         prompts = [tok.encode_chat(m) for m in domain_prompts(domain, cfg.split, cfg.prompts_per_domain)]
@@ -79,20 +79,20 @@ def run_acceptance_bench(loaded, drafter: DFlashDrafter, cfg: AcceptanceConfig) 
             # of a shared machine then lands on every configuration alike instead of on whichever ran then.
             for block, verify in configs[i % len(configs):] + configs[:i % len(configs)]:
                 st = GenerationStats()
-                run = (generate_plain(model, prompt, params, tok.stop_token_ids, cache, st) if block == "plain" else
+                run = (generate_plain(model, prompt, params, tok.stop_token_ids, cache, st) if block is None else
                        generate_speculative(model, drafters[block], prompt, params, tok.stop_token_ids, cache, st,
-                                            step_cost=costs[int(block)] if verify == "adaptive" else None))
+                                            step_cost=costs[block] if verify == "adaptive" else None))
                 seconds[block, verify].append(_timed(run))
                 stats[block, verify].append(st)
                 bar.update(1)
-        plain_seconds, plain_tokens = seconds["plain", None], [st.new_tokens for st in stats["plain", None]]
+        plain_seconds, plain_tokens = seconds[None, None], [st.new_tokens for st in stats[None, None]]
         per_block = {}
         for block in drafters:
             runs = {verify: summarise(stats[block, verify], seconds[block, verify], plain_tokens, plain_seconds,
-                                      int(block)) for verify in modes}
+                                      block) for verify in modes}
             # The drafter's quality is its acceptance over whole blocks; adaptive verification trades some of it
             # for cheaper steps, so its own acceptance is reported beside its speed.
-            per_block[block] = {**runs["full"], **({"adaptive": runs["adaptive"]} if cfg.adaptive else {})}
+            per_block[str(block)] = {**runs["full"], **({"adaptive": runs["adaptive"]} if cfg.adaptive else {})}
         report["results"][domain] = {
             "prompts": len(prompts),
             "plain_tokens_per_s": round(sum(plain_tokens) / sum(plain_seconds), 2),
