@@ -1,11 +1,12 @@
 """Command-line flags whose parsing carries a rule: --min-accepted auto and its fallback without step costs,
---corpus-share and the text it needs, --block-size auto."""
+--corpus-share and the text it needs, --block-size auto, --lr-scale."""
 
 import argparse
 
 import pytest
 
-from ultraspeed.cli import build_parser, main, min_accepted_for
+from ultraspeed.cli import build_parser, main, min_accepted_for, train_config
+from ultraspeed.train.drafter import TrainConfig
 
 
 def parse(*flags):
@@ -55,3 +56,15 @@ def test_block_size_is_auto_or_a_real_block(capsys):
         with pytest.raises(SystemExit):
             parse("--block-size", bad)
         assert "expected 0 (auto) or a block length of at least 2" in capsys.readouterr().err
+
+
+def test_lr_scale_multiplies_both_learning_rates(capsys):
+    base = TrainConfig()
+    default = train_config(build_parser().parse_args(["train-drafter"]))
+    assert (default.lr_muon, default.lr_adam) == (base.lr_muon, base.lr_adam)
+    scaled = train_config(build_parser().parse_args(["train-drafter", "--lr-scale", "0.25", "--steps", "9"]))
+    assert (scaled.lr_muon, scaled.lr_adam, scaled.steps) == (base.lr_muon / 4, base.lr_adam / 4, 9)
+    for bad in ("0", "-1", "nan", "fast"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["train-drafter", "--lr-scale", bad])
+        assert "expected a positive number" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from ultraspeed.errors import UltraSpeedError
 if TYPE_CHECKING:
     from ultraspeed.loader import LoadedModel
     from ultraspeed.parallel import DistEnv
+    from ultraspeed.train.drafter import TrainConfig
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -33,6 +34,16 @@ def min_accepted_arg(text: str) -> float | None:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or 'auto', not {text!r}") from None
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, not {text!r}") from None
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a positive number, not {value}")
+    return value
 
 
 def share_arg(text: str) -> float:
@@ -161,6 +172,15 @@ def _generate(args: argparse.Namespace, loaded: LoadedModel, env: DistEnv | None
     return 0
 
 
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    from ultraspeed.train.drafter import TrainConfig  # torch is imported only by the commands that need it
+
+    base = TrainConfig()
+    return TrainConfig(steps=args.steps, seqs_per_step=args.seqs_per_step, anchors_per_seq=args.anchors,
+                       lr_muon=base.lr_muon * args.lr_scale, lr_adam=base.lr_adam * args.lr_scale,
+                       seed=args.seed, checkpoint_every=args.checkpoint_every)
+
+
 def cmd_train_drafter(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -170,7 +190,7 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
     from ultraspeed.quant.int8 import apply_weight_format
     from ultraspeed.train.corpus_data import CorpusSpec, build_or_load_corpus
     from ultraspeed.train.distill_data import DataMix, DistillSpec, build_or_load
-    from ultraspeed.train.drafter import TrainConfig, frequent_tokens, train
+    from ultraspeed.train.drafter import frequent_tokens, train
 
     if args.corpus_share is not None and not (args.corpus_chat or args.corpus_code):
         raise UltraSpeedError("--corpus-share needs teacher-forced text: give --corpus-chat and/or --corpus-code")
@@ -211,9 +231,7 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
         drafter.draft_vocab = frequent_tokens([data.sequence_labels(i) for i in range(len(data))],
                                               drafter.config.draft_vocab_size, loaded.tokenizer.stop_token_ids)
     print(f"drafter data: {len(data)} sequences, {data.num_tokens} tokens", file=sys.stderr)
-    cfg = TrainConfig(steps=args.steps, seqs_per_step=args.seqs_per_step, anchors_per_seq=args.anchors,
-                      seed=args.seed, checkpoint_every=args.checkpoint_every)
-    train(drafter, loaded.model, data, cfg, out, log=lambda m: print(m, file=sys.stderr))
+    train(drafter, loaded.model, data, train_config(args), out, log=lambda m: print(m, file=sys.stderr))
     print(f"drafter written to {out / 'drafter.safetensors'}", file=sys.stderr)
     return 0
 
@@ -465,7 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="runs/drafter", help="checkpoints and drafter.safetensors (resumable)")
     t.add_argument("--data-dir", default="runs/distill", help="cache of generated sequences and features")
     t.add_argument("--prompts", type=int, nargs=4, default=[120, 200, 300, 120], metavar=("CODE", "MATH", "CHAT", "AGENT"),
-                   help="training prompts per domain (default 120 200 300 120)")
+                   help="training prompts per domain (default 120 200 300 120); code past HumanEval's 120 training "
+                        "tasks goes on with functions of the Python standard library to complete")
     t.add_argument("--max-new-tokens", type=int, default=192, help="target response length for distillation")
     t.add_argument("--gen-batch", type=int, default=16, help="sequences generated at once")
     t.add_argument("--corpus-chat", type=int, default=0, metavar="N",
@@ -487,6 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=2000)
     t.add_argument("--seqs-per-step", type=int, default=4)
     t.add_argument("--anchors", type=int, default=24, help="random anchor blocks per sequence")
+    t.add_argument("--lr-scale", type=positive_float, default=1.0, metavar="F",
+                   help="multiply both peak learning rates (Muon 2e-3, AdamW 3e-3) by F, e.g. below 1 to fine-tune "
+                        "with --init-from without first undoing what the drafter knows")
     t.add_argument("--checkpoint-every", type=int, default=100)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--weights", choices=["auto", "fp32", "int8"], default="auto",

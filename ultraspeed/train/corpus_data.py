@@ -20,7 +20,7 @@ from pathlib import Path
 from ultraspeed.loader import LoadedModel
 from ultraspeed.train.distill_data import (DataMix, DistillData, Shard, load_cached, load_shards, save_sequences,
                                           shard_bounds, write_features)
-from ultraspeed.train.prompts import chat_exchanges, code_prompts, humaneval_tasks
+from ultraspeed.train.prompts import HUMANEVAL_TRAIN, chat_exchanges, code_task_prompt, humaneval_tasks
 
 SHARD_SIZE = 200
 
@@ -56,8 +56,9 @@ def shard_conversations(shard: ShardSpec) -> list[list[dict]]:
     if shard.domain == "chat":
         return chat_exchanges("train", shard.stop)[shard.start:shard.stop]
     # The same user turn the code prompts ask (tasks 0..119), answered with the task's canonical solution.
-    code = [prompt + [{"role": "assistant", "content": f"```python\n{t['prompt']}{t['canonical_solution']}```"}]
-            for prompt, t in zip(code_prompts("train"), humaneval_tasks())]
+    code = [code_task_prompt(t["prompt"])
+            + [{"role": "assistant", "content": f"```python\n{t['prompt']}{t['canonical_solution']}```"}]
+            for t in humaneval_tasks()[:HUMANEVAL_TRAIN]]
     return code[shard.start:shard.stop]
 
 

