@@ -93,6 +93,13 @@ def add_verify_flag(p: argparse.ArgumentParser) -> None:
                         "The output is the same")
 
 
+def add_lookup_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-lookup", action="store_true",
+                   help="draft with the DFlash drafter only; by default a sequence whose last tokens occurred "
+                        "earlier in its context drafts what followed them there (prompt lookup), which code, "
+                        "quotes and tool calls repeat often. The output is the same")
+
+
 def add_parallel_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks: attention heads and dense MLPs split "
                    "over them (launch with torchrun; docs/parallelism.md)")
@@ -149,7 +156,7 @@ def _generate(args: argparse.Namespace, loaded: LoadedModel, env: DistEnv | None
         step_cost = measure_step_cost(loaded.model, drafter) if args.verify == "adaptive" and env is None else None
         tokens = generate_speculative(loaded.model, drafter, prompt_ids, params, tok.stop_token_ids, stats=stats,
                                       min_accepted=min_accepted_for(args, step_cost is not None),
-                                      step_cost=step_cost)
+                                      step_cost=step_cost, lookup=not args.no_lookup)
     else:
         tokens = generate_plain(loaded.model, prompt_ids, params, tok.stop_token_ids, stats=stats)
     for new_ids in tokens:
@@ -314,7 +321,8 @@ def cmd_bench_acceptance(args: argparse.Namespace) -> int:
         raise UltraSpeedError("no drafter: pass --drafter PATH (only the default model ships with one)")
     cfg = AcceptanceConfig(domains=tuple(args.domains), block_sizes=tuple(args.block_sizes),
                            prompts_per_domain=args.prompts, max_tokens=args.max_tokens, threads=args.threads,
-                           weights=args.weights, split=args.split, adaptive=args.verify == "adaptive")
+                           weights=args.weights, split=args.split, adaptive=args.verify == "adaptive",
+                           lookup=not args.no_lookup)
     report = run_acceptance_bench(load_model(args.model), load_drafter(path), cfg)
     report["drafter_path"] = str(path)
     emit_report(report, args, format_table(report))
@@ -438,7 +446,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         prices=Prices(args.price_input, args.price_output), limits=limits,
         verifier=VerifierConfig(enabled=args.enable_verifier, timeout_s=args.verifier_timeout),
         drain_seconds=args.drain_seconds, min_accepted=min_accepted_for(args, args.verify == "adaptive"),
-        adaptive_verify=args.verify == "adaptive")
+        adaptive_verify=args.verify == "adaptive", lookup=not args.no_lookup)
     how = ", ".join(["MXFP4 experts" if fast is not None else "original experts",
                      "DFlash speculative" if drafter is not None else "plain decoding (no drafter)"])
     print(f"ultraspeed: serving {config.model_name} and {config.model_name}-ultraspeed ({how}) at "
@@ -469,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "step (verification would cost more than it saves; output unchanged). auto (default): "
                         "the break-even of the step costs timed at start-up (2 with --verify full); 0 = never")
     add_verify_flag(g)
+    add_lookup_flag(g)
     g.add_argument("--weights", choices=["auto", "fp32", "int8"], default="auto",
                    help="dense weight format: auto = int8 on a CPU with the compiled kernel (default)")
     g.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
@@ -527,6 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "probe steps finishes with plain decoding (same output, cheaper steps). auto (default): "
                         "the break-even of the step costs timed at start-up (2 with --verify full); 0 = never")
     add_verify_flag(s)
+    add_lookup_flag(s)
     add_block_size_flag(s)
     s.add_argument("--ultraspeed-experts", choices=["mxfp4", "original"], default="mxfp4",
                    help="expert weights of the ultraspeed tier (mxfp4: its own engine and weights; for a dense "
@@ -589,6 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--verify", choices=["adaptive", "full"], default="adaptive",
                     help="whole blocks are always measured (the drafter's acceptance); adaptive (default) also "
                     "times adaptive verification, as generate and serve run it")
+    ba.add_argument("--no-lookup", action="store_true",
+                    help="skip the runs with lookup drafts (by default each block size also runs as generate "
+                    "serves it: lookup drafts where the context repeats, verified as --verify says)")
     ba.set_defaults(func=cmd_bench_acceptance)
     from ultraspeed.bench.report import DOMAINS as REPORT_DOMAINS, SYSTEMS as REPORT_SYSTEMS
     br = bench_sub.add_parser("report", help="proof of speed: ours (plain, MXFP4, DFlash, both) vs HF transformers "

@@ -47,15 +47,21 @@ def test_bench_acceptance_json(capsys, tmp_path):
         a = r["adaptive"]
         assert 0 <= a["mean_drafts_verified"] <= int(block) - 1 and a["tokens_per_s"] > 0
         assert r["mean_drafts_verified"] == int(block) - 1
+        # As generate serves: lookup drafts where the context repeats; the whole-block runs never use them.
+        assert r["lookup_step_share"] == 0 and 0 <= r["lookup"]["lookup_step_share"] <= 1
     assert set(report["step_costs"]) == {"4", "8"}
 
 
-def test_bench_acceptance_verify_full_skips_the_adaptive_runs(capsys, tmp_path):
+def test_bench_acceptance_verify_full_and_no_lookup_skip_their_runs(capsys, tmp_path):
     path = random_drafter_file(tmp_path, block_size=4)
     assert main(["bench", "acceptance", "--drafter", str(path), "--domains", "math", "--block-sizes", "4",
                  "--prompts", "1", "--max-tokens", "3", "--threads", "1", "--verify", "full", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert "adaptive" not in report["results"]["math"]["blocks"]["4"] and report["step_costs"] == {}
+    assert main(["bench", "acceptance", "--drafter", str(path), "--domains", "math", "--block-sizes", "4",
+                 "--prompts", "1", "--max-tokens", "3", "--threads", "1", "--no-lookup", "--json"]) == 0
+    blocks = json.loads(capsys.readouterr().out)["results"]["math"]["blocks"]["4"]
+    assert "adaptive" in blocks and "lookup" not in blocks
 
 
 def test_bench_acceptance_split_train_measures_the_training_prompts(capsys, tmp_path, monkeypatch):
@@ -95,17 +101,17 @@ def test_bench_acceptance_runs_every_configuration_on_a_prompt_back_to_back(caps
         order.append((len(prompt), "plain"))
         return real_plain(model, prompt, *args, **kw)
 
-    def speculative(model, drafter, prompt, *args, step_cost=None, **kw):
-        order.append((len(prompt), "adaptive" if step_cost is not None else "full"))
-        return real_spec(model, drafter, prompt, *args, step_cost=step_cost, **kw)
+    def speculative(model, drafter, prompt, *args, step_cost=None, lookup=False, **kw):
+        order.append((len(prompt), "lookup" if lookup else "adaptive" if step_cost is not None else "full"))
+        return real_spec(model, drafter, prompt, *args, step_cost=step_cost, lookup=lookup, **kw)
 
     monkeypatch.setattr(acceptance, "generate_plain", plain)
     monkeypatch.setattr(acceptance, "generate_speculative", speculative)
     path = random_drafter_file(tmp_path, block_size=4)
     assert main(["bench", "acceptance", "--drafter", str(path), "--domains", "math", "--block-sizes", "4",
                  "--prompts", "2", "--max-tokens", "3", "--threads", "1", "--json"]) == 0
-    first, second = order[0][0], order[3][0]
+    first, second = order[0][0], order[4][0]
     assert first != second
-    assert order == [(first, "plain"), (first, "full"), (first, "adaptive"),
-                     (second, "full"), (second, "adaptive"), (second, "plain")]
+    assert order == [(first, "plain"), (first, "full"), (first, "adaptive"), (first, "lookup"),
+                     (second, "full"), (second, "adaptive"), (second, "lookup"), (second, "plain")]
     assert json.loads(capsys.readouterr().out)["results"]["math"]["prompts"] == 2

@@ -162,7 +162,7 @@ def test_batched_rows_with_different_lengths_identical(target, step_cost, monkey
             pending.append(speculative.features_of(captured))
             outputs.append([anchors[-1]])
         while min(len(o) for o in outputs) < 25:
-            committed, pending, n_verified = speculative.speculative_step(
+            committed, pending, n_verified, _ = speculative.speculative_step(
                 target, drafter, cache, draft_cache, anchors, pending, [params] * 3, [None] * 3, step_cost)
             verified.append(n_verified)
             for row, toks in enumerate(committed):

@@ -146,7 +146,7 @@ def test_static_speculative_step_matches_dynamic_step(models, monkeypatch):
     for _ in range(6):
         seen.clear()
         with torch.no_grad():
-            committed, pending, _ = speculative.speculative_step(target, drafter, cache, draft_cache, anchors,
+            committed, pending, _, _ = speculative.speculative_step(target, drafter, cache, draft_cache, anchors,
                                                                  pending, params, generators)
         seen_dynamic = dict(seen)
         seen.clear()

@@ -65,6 +65,23 @@ def test_batched_plain_and_speculative_match_single_sequence_greedy(tiny, engine
     assert engine.queue_depth() == 0 and all(v["running"] == 0 for v in engine.snapshot().values())
 
 
+def test_lookup_drafts_in_the_batch_keep_every_request_exact(tiny):
+    """With lookup drafts on, speculative rows of repetitive prompts draft from their own context: the tokens
+    are still those of single-sequence greedy decoding, also for the third request, which joins mid-flight
+    (the tier runs two at once) in a row the first one left."""
+    engine = Engine(tiny.model, EngineConfig(groups=GROUPS, max_len=128, max_queue=16, lookup=True),
+                    tiny.drafter).start()
+    try:
+        params = SamplingParams(max_tokens=20, ignore_eos=True)
+        ps = [[5, 9, 13, 5, 9, 13, 5, 9], [40, 41, 42, 43, 40, 41], [77, 3, 77, 3, 77]]
+        expected = [sum(generate_plain(tiny.model, p, params), []) for p in ps]
+        got = run(engine, [EngineRequest(p, params, None, group="ultraspeed") for p in ps])
+        assert [c.tokens for c in got] == expected
+        assert sum(c.final.stats.lookup_steps for c in got) > 0
+    finally:
+        engine.stop()
+
+
 def test_stop_token_and_sampled_seeds_are_reproducible(tiny, engine):
     p = prompts(1)[0]
     truth = sum(generate_plain(tiny.model, p, SamplingParams(max_tokens=20, ignore_eos=True)), [])

@@ -5,6 +5,10 @@ Prompts are the held-out split of each domain (never used to train the drafter):
 ShareGPT conversations held out by index, math and agent prompts from the evaluation seeds. `split="train"`
 measures on the prompts the drafter was distilled from instead: the gap between the two is how much of the
 acceptance is memorised rather than learned.
+
+Per block size: whole blocks from the drafter alone (the drafter's quality), adaptive verification (what it
+is worth on this machine) and, as `generate` and `serve` run by default, with lookup drafts where the context
+repeats (engine/lookup_draft.py).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class AcceptanceConfig:
     weights: str = "auto"            # dense weight format, as `generate` serves by default
     split: str = "eval"              # "eval": held-out prompts; "train": the drafter's own training prompts
     adaptive: bool = True            # beside whole blocks (the drafter's quality), time adaptive verification
+    lookup: bool = True              # ... and decoding with lookup drafts (verified adaptively if `adaptive`)
 
     def __post_init__(self) -> None:
         if self.split not in ("eval", "train"):
@@ -65,9 +70,10 @@ def run_acceptance_bench(loaded, drafter: DFlashDrafter, cfg: AcceptanceConfig) 
     # Step costs for adaptive verification, timed once per block size before any timed run.
     costs = {b: measure_step_cost(model, with_block_size(drafter, b)) for b in cfg.block_sizes if cfg.adaptive}
     report["step_costs"] = {str(b): dataclasses.asdict(c) for b, c in costs.items()}
-    # Every timed configuration: plain decoding, then each block size in each verify mode.
-    modes = ("full", "adaptive") if cfg.adaptive else ("full",)
-    configs = [(None, None)] + [(b, verify) for b in cfg.block_sizes for verify in modes]   # block None: plain
+    # Every timed configuration: plain decoding, then each block size in each mode (name, verify, lookup).
+    modes = ([("full", "full", False)] + ([("adaptive", "adaptive", False)] if cfg.adaptive else [])
+             + ([("lookup", "adaptive" if cfg.adaptive else "full", True)] if cfg.lookup else []))
+    configs = [(None, None)] + [(b, mode) for b in cfg.block_sizes for mode in modes]   # block None: plain
     drafters = {b: with_block_size(drafter, b) for b in cfg.block_sizes}
     bar = tqdm(total=len(cfg.domains) * cfg.prompts_per_domain * len(configs), desc="bench acceptance", unit="run")
     for domain in cfg.domains:
@@ -77,22 +83,23 @@ def run_acceptance_bench(loaded, drafter: DFlashDrafter, cfg: AcceptanceConfig) 
         for i, prompt in enumerate(prompts):
             # All configurations run back to back on each prompt, starting one later each time: a slow spell
             # of a shared machine then lands on every configuration alike instead of on whichever ran then.
-            for block, verify in configs[i % len(configs):] + configs[:i % len(configs)]:
+            for block, mode in configs[i % len(configs):] + configs[:i % len(configs)]:
                 st = GenerationStats()
                 run = (generate_plain(model, prompt, params, tok.stop_token_ids, cache, st) if block is None else
                        generate_speculative(model, drafters[block], prompt, params, tok.stop_token_ids, cache, st,
-                                            step_cost=costs[block] if verify == "adaptive" else None))
-                seconds[block, verify].append(_timed(run))
-                stats[block, verify].append(st)
+                                            step_cost=costs[block] if mode[1] == "adaptive" else None,
+                                            lookup=mode[2]))
+                seconds[block, mode].append(_timed(run))
+                stats[block, mode].append(st)
                 bar.update(1)
         plain_seconds, plain_tokens = seconds[None, None], [st.new_tokens for st in stats[None, None]]
         per_block = {}
         for block in drafters:
-            runs = {verify: summarise(stats[block, verify], seconds[block, verify], plain_tokens, plain_seconds,
-                                      block) for verify in modes}
+            runs = {mode[0]: summarise(stats[block, mode], seconds[block, mode], plain_tokens, plain_seconds, block)
+                    for mode in modes}
             # The drafter's quality is its acceptance over whole blocks; adaptive verification trades some of it
-            # for cheaper steps, so its own acceptance is reported beside its speed.
-            per_block[str(block)] = {**runs["full"], **({"adaptive": runs["adaptive"]} if cfg.adaptive else {})}
+            # for cheaper steps and lookup drafts add to it, so each reports its own acceptance beside its speed.
+            per_block[str(block)] = {**runs.pop("full"), **runs}
         report["results"][domain] = {
             "prompts": len(prompts),
             "plain_tokens_per_s": round(sum(plain_tokens) / sum(plain_seconds), 2),
@@ -112,6 +119,7 @@ def summarise(stats: list[GenerationStats], seconds: list[float], plain_tokens: 
     return {
         "mean_accepted": round(sum(accepted) / max(1, len(accepted)), 3),
         "mean_drafts_verified": round(sum(verified) / max(1, len(verified)), 3),
+        "lookup_step_share": round(sum(s.lookup_steps for s in stats) / max(1, len(verified)), 3),
         "accepted_histogram": {str(k): accepted.count(k) for k in range(1, block_size + 1)},
         "tokens_per_s": round(sum(tokens) / sum(seconds), 2),
         "speedup_vs_plain": round((sum(plain_seconds) / sum(plain_tokens)) / (sum(seconds) / sum(tokens)), 3),
@@ -122,12 +130,16 @@ def summarise(stats: list[GenerationStats], seconds: list[float], plain_tokens: 
 
 def format_table(report: dict) -> str:
     lines = ["| domain | block | mean accepted | goal | tok/s | plain tok/s | speed-up | adaptive: accepted, "
-             "drafts verified, tok/s, speed-up |", "|---|---|---|---|---|---|---|---|"]
+             "drafts verified, tok/s, speed-up | with lookup: accepted, lookup steps, tok/s, speed-up |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for domain, r in report["results"].items():
         for block, b in r["blocks"].items():
-            a = b.get("adaptive")
+            a, lk = b.get("adaptive"), b.get("lookup")
             adaptive = (f"{a['mean_accepted']}, {a['mean_drafts_verified']}, {a['tokens_per_s']}, "
                         f"{a['speedup_vs_plain']}x" if a else "-")
+            lookup = (f"{lk['mean_accepted']}, {lk['lookup_step_share']:.0%}, {lk['tokens_per_s']}, "
+                      f"{lk['speedup_vs_plain']}x" if lk else "-")
             lines.append(f"| {domain} | {block} | {b['mean_accepted']} | {r['goal_mean_accepted'] or '-'} | "
-                         f"{b['tokens_per_s']} | {r['plain_tokens_per_s']} | {b['speedup_vs_plain']}x | {adaptive} |")
+                         f"{b['tokens_per_s']} | {r['plain_tokens_per_s']} | {b['speedup_vs_plain']}x | {adaptive} "
+                         f"| {lookup} |")
     return "\n".join(lines)

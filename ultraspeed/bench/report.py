@@ -584,7 +584,9 @@ def format_markdown(report: dict) -> str:
               "- mean accepted: tokens committed per target forward (1 for plain decoding). DFlash verifies "
               + ("only the drafts worth their time (adaptive, as generate and serve run it; whole-block "
                  "acceptance per domain: `ultraspeed bench acceptance`)." if cfg.get("verify", "adaptive") == "adaptive"
-                 else "whole blocks (--verify full)."),
+                 else "whole blocks (--verify full).")
+              + " Drafts come from the drafter alone (`generate` and `serve` also draft by lookup where the "
+                "context repeats: `ultraspeed bench acceptance` measures that).",
               "- Every system runs alone in a fresh process. peak RSS: that process's peak resident memory "
               "(getrusage maxrss, loading included); extra: peak minus its resident memory after imports, before "
               "loading weights; RSS after: resident memory once measured (what serving holds).",

@@ -28,6 +28,7 @@ class GenerationStats:
     decode_seconds: float = 0.0
     accepted_lengths: list[int] = field(default_factory=list)   # tokens committed per decode forward
     drafts_verified: list[int] = field(default_factory=list)    # drafts each speculative forward verified
+    lookup_steps: int = 0             # speculative forwards that verified a lookup draft instead of the drafter's
     plain_after: int | None = None    # speculative decoding gave up after this many steps (drafter not worth it)
     finish_reason: str | None = None  # "stop" | "length"
 
@@ -56,6 +57,7 @@ class GenerationStats:
             **({"mean_drafts_verified": round(sum(self.drafts_verified) / len(self.drafts_verified), 3)}
                if self.drafts_verified else {}),
             **({"plain_after": self.plain_after} if self.plain_after is not None else {}),
+            **({"lookup_steps": self.lookup_steps} if self.lookup_steps else {}),
         }
 
 

@@ -35,6 +35,7 @@ import torch
 from ultraspeed.engine.generate import GenerationStats
 from ultraspeed.engine.kv_cache import KVCache
 from ultraspeed.engine.sampler import SamplingParams, make_generator, sample
+from ultraspeed.engine.lookup_draft import NgramIndex
 from ultraspeed.engine.speculative import features_of, gives_up, new_draft_cache, speculative_step
 from ultraspeed.engine.verify_length import StepCost, measure_step_cost
 from ultraspeed.errors import UltraSpeedError
@@ -73,6 +74,9 @@ class EngineConfig:
     # Verify only the drafts worth their time (engine/verify_length.py), from step costs timed at start-up;
     # False verifies whole blocks. Output is the same either way.
     adaptive_verify: bool = True
+    # Speculative rows whose last tokens recur in their context draft what followed them (prompt lookup,
+    # engine/lookup_draft.py) instead of the drafter's block. Output is the same either way.
+    lookup: bool = False
 
 
 @dataclass
@@ -109,6 +113,7 @@ class _Sequence:
     stop: frozenset[int]
     last: int = -1                          # last committed token: not yet in the target cache
     pending: torch.Tensor | None = None     # speculative: features of committed tokens not yet in the draft cache
+    lookup: NgramIndex | None = None        # speculative with lookup drafts: the prompt and every committed token
     started: float = 0.0
 
 
@@ -183,8 +188,8 @@ class _SpeculativeLane:
     its rejected drafts."""
 
     def __init__(self, target: Decoder, drafter: DFlashDrafter, rows: int, max_len: int, chunk: int,
-                 step_cost: StepCost | None = None) -> None:
-        self.target, self.drafter, self.chunk, self.rows = target, drafter, chunk, rows
+                 step_cost: StepCost | None = None, lookup: bool = False) -> None:
+        self.target, self.drafter, self.chunk, self.rows, self.lookup = target, drafter, chunk, rows, lookup
         self.cache = target.new_cache(rows, max_len)
         self.draft_cache = new_draft_cache(drafter, rows, self.cache.max_len)
         self.capture = drafter.config.target_layer_ids
@@ -201,6 +206,7 @@ class _SpeculativeLane:
                                         self.capture)
         self.draft_cache.reset(row)
         seq.pending = features
+        seq.lookup = NgramIndex.of(seq.request.prompt_ids) if self.lookup else None   # Engine._commit extends it
         self.seqs.append(seq)
         return logits
 
@@ -211,16 +217,18 @@ class _SpeculativeLane:
         self.cache.move_row(self.seqs.index(parent), row)
         self.draft_cache.reset(row)
         seq.pending = parent.pending
+        seq.lookup = NgramIndex.of(seq.request.prompt_ids) if self.lookup else None
         self.seqs.append(seq)
 
     def step(self) -> list[list[int]]:
-        committed, pending, verified = speculative_step(
+        committed, pending, verified, looked_up = speculative_step(
             self.target, self.drafter, self.cache, self.draft_cache, [s.last for s in self.seqs],
             [s.pending for s in self.seqs], [s.request.params for s in self.seqs],
-            [s.generator for s in self.seqs], self.step_cost)
-        for s, features in zip(self.seqs, pending):
+            [s.generator for s in self.seqs], self.step_cost, [s.lookup for s in self.seqs] if self.lookup else None)
+        for s, features, looked in zip(self.seqs, pending, looked_up):
             s.pending = features
             s.stats.drafts_verified.append(verified)
+            s.stats.lookup_steps += looked
         return committed
 
     def remove(self, row: int) -> None:
@@ -261,7 +269,8 @@ class Engine:
         self._plain = _PlainLane(model, sum(g.max_running for g in config.groups), self.context_limit,
                                  config.prefill_chunk)
         self._spec = (_SpeculativeLane(model, drafter, spec_rows, self.context_limit, config.prefill_chunk,
-                                       measure_step_cost(model, drafter) if config.adaptive_verify else None)
+                                       measure_step_cost(model, drafter) if config.adaptive_verify else None,
+                                       config.lookup)
                       if spec_rows else None)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -463,6 +472,7 @@ class Engine:
         row = self._spec.seqs.index(seq)
         self._plain.adopt(seq, self._spec.cache, row)
         self._spec.remove(row)
+        seq.lookup = None
         self._running[seq.request.id] = (self._plain, seq)
         seq.stats.plain_after = len(seq.stats.accepted_lengths)
 
@@ -483,6 +493,8 @@ class Engine:
             stats.accepted_lengths.append(accepted)
         stats.decode_seconds = time.perf_counter() - seq.started
         seq.last = tokens[-1]
+        if seq.lookup is not None:
+            seq.lookup.extend(out)
         if reason is not None:
             stats.finish_reason = reason
             self._retire(lane, seq)

@@ -9,10 +9,15 @@ Each step, for every row b of the batch (cache row b, committed length start_b, 
 Lossless: greedy output equals plain greedy decoding; sampled output follows the target distribution exactly,
 because a draft d is accepted with probability p(d) and a rejection resamples from p with d removed — the
 rejection rule of speculative sampling for a point-mass proposal.
+
+With `lookups` (one NgramIndex per row), a row whose last tokens recur in its context drafts what followed them
+instead (prompt lookup, engine/lookup_draft.py): the rule above holds for any proposal fixed before the target
+runs, so this stays lossless; when every row looks up, the drafter does not run that step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Iterator
 
@@ -20,6 +25,7 @@ import torch
 
 from ultraspeed.engine.generate import GenerationStats, check_prompt_fits, prefill
 from ultraspeed.engine.kv_cache import KVCache
+from ultraspeed.engine.lookup_draft import NgramIndex, lookup_confidence
 from ultraspeed.engine.sampler import SamplingParams, make_generator, sample, token_distribution
 from ultraspeed.engine.verify_length import StepCost, choose_verify_length
 from ultraspeed.models.decoder import Decoder
@@ -64,6 +70,28 @@ def draft_block(drafter: DFlashDrafter, target: Decoder, draft_cache: KVCache,
     return drafter.to_token_ids(indices), confidence
 
 
+def propose_drafts(drafter: DFlashDrafter, target: Decoder, draft_cache: KVCache, anchors: torch.Tensor,
+                   lookups: list[NgramIndex] | None) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+    """Each row's drafts and their estimated acceptance chances ([b, n] each, n <= B-1), and which rows looked
+    up: a lookup draft where the row's index finds one, else the drafter's block. The drafter runs only if some
+    row needs it; a lookup shorter than the others is padded with chance 0 (never worth verifying for itself)."""
+    b, slots = anchors.shape[0], drafter.config.block_size - 1
+    found = [index.propose(slots) for index in lookups] if lookups is not None else [([], 0)] * b
+    looked_up = [bool(tokens) for tokens, _ in found]
+    if all(looked_up):
+        width = max(len(tokens) for tokens, _ in found)
+        drafts = torch.zeros(b, width, dtype=torch.long, device=anchors.device)
+        confidence = torch.zeros(b, width, device=anchors.device)
+    else:
+        drafts, confidence = draft_block(drafter, target, draft_cache, anchors)
+    for row, (tokens, n) in enumerate(found):
+        if tokens:
+            drafts[row, :len(tokens)] = torch.tensor(tokens, device=drafts.device)
+            confidence[row] = 0.0
+            confidence[row, :len(tokens)] = torch.tensor(lookup_confidence(n, len(tokens)))
+    return drafts, confidence, looked_up
+
+
 def accept_greedy(drafts: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """drafts [b, B-1], target logits [b, B, V] -> (accepted count a [b], bonus token [b])."""
     targets = logits.argmax(-1)                                   # y_i: target's choice after slot i
@@ -99,22 +127,26 @@ def features_of(captured: list[torch.Tensor]) -> torch.Tensor:
 def speculative_step(target: Decoder, drafter: DFlashDrafter, cache: KVCache, draft_cache: KVCache,
                      anchors: list[int], pending: list[torch.Tensor], params: list[SamplingParams],
                      generators: list[torch.Generator | None], step_cost: StepCost | None = None,
-                     ) -> tuple[list[list[int]], list[torch.Tensor], int]:
+                     lookups: list[NgramIndex] | None = None,
+                     ) -> tuple[list[list[int]], list[torch.Tensor], int, list[bool]]:
     """One draft + verify + accept step for rows 0..b-1 (each may have its own length and sampling params).
 
     pending[row] holds target features [1, n, K*H] of the row's tokens committed since its last step. With a
     `step_cost`, only the prefix of drafts worth its verification time is verified (engine/verify_length.py);
-    without, all B-1. Returns the tokens each row commits (accepted drafts + the target's bonus token, whose last
-    element is the next anchor), the new pending features and the number of drafts verified.
+    without, all drafted. `lookups[row]` indexes the row's committed tokens (the anchor included) for lookup
+    drafts; the caller extends it with what the row commits. Returns the tokens each row commits (accepted drafts
+    + the target's bonus token, whose last element is the next anchor), the new pending features, the number
+    of drafts verified and which rows drafted by lookup.
     """
     b = len(anchors)
     for row in range(b):
         append_context(drafter, draft_cache, row, pending[row])
     device = target.embed_tokens.weight.device
     anchor_ids = torch.tensor(anchors, device=device)
-    drafts, confidence = draft_block(drafter, target, draft_cache, anchor_ids)      # [b, B-1] each
+    drafts, confidence, looked_up = propose_drafts(drafter, target, draft_cache, anchor_ids, lookups)
     if step_cost is not None:
-        drafts = drafts[:, :choose_verify_length(confidence, step_cost)]
+        cost = dataclasses.replace(step_cost, draft=0.0) if all(looked_up) else step_cost
+        drafts = drafts[:, :choose_verify_length(confidence, cost)]
     starts = cache.lengths[:b].clone()
     hidden, captured = target(torch.cat([anchor_ids.view(b, 1), drafts], dim=1), cache,
                               drafter.config.target_layer_ids)
@@ -130,7 +162,7 @@ def speculative_step(target: Decoder, drafter: DFlashDrafter, cache: KVCache, dr
         cache.crop(row, int(starts[row]) + a + 1)                    # keep the anchor and a accepted drafts
         new_pending.append(features[row:row + 1, :a + 1])
         committed.append(drafts[row, :a].tolist() + [int(bonus[0])])
-    return committed, new_pending, drafts.shape[1]
+    return committed, new_pending, drafts.shape[1], looked_up
 
 
 def gives_up(stats: GenerationStats, min_accepted: float | None, probe_steps: int,
@@ -151,11 +183,13 @@ def gives_up(stats: GenerationStats, min_accepted: float | None, probe_steps: in
 def generate_speculative(target: Decoder, drafter: DFlashDrafter, prompt_ids: list[int], params: SamplingParams,
                          stop_ids: tuple[int, ...] = (), cache: KVCache | None = None,
                          stats: GenerationStats | None = None, min_accepted: float | None = 0.0,
-                         probe_steps: int = 4, step_cost: StepCost | None = None) -> Iterator[list[int]]:
+                         probe_steps: int = 4, step_cost: StepCost | None = None,
+                         lookup: bool = False) -> Iterator[list[int]]:
     """Same contract as generate_plain, several tokens per target forward.
 
     `step_cost` (measure_step_cost) lets each step verify only the drafts worth their time; None verifies whole
-    blocks, which is what a GPU wants anyway.
+    blocks, which is what a GPU wants anyway. `lookup` drafts from n-gram matches in the context where there
+    are some (prompt lookup), from the drafter elsewhere.
 
     If after `probe_steps` steps the drafter commits fewer than `min_accepted` tokens per step, verification
     costs more than it saves: the rest is decoded plainly from the same state (still exact). 0 = never; None =
@@ -181,6 +215,7 @@ def generate_speculative(target: Decoder, drafter: DFlashDrafter, prompt_ids: li
     logits, captured = prefill(target, cache, prompt_ids, capture_layers=drafter.config.target_layer_ids)
     new_tokens = [int(sample(logits, params, generator))]
     pending = [features_of(captured)]
+    index = NgramIndex.of(prompt_ids + new_tokens) if lookup else None
     stats.prefill_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     plain = False
@@ -199,10 +234,14 @@ def generate_speculative(target: Decoder, drafter: DFlashDrafter, prompt_ids: li
             hidden, _ = target(torch.tensor([[new_tokens[-1]]], device=cache.keys[0].device), cache)
             new_tokens = [int(sample(target.logits(hidden[:, -1])[0], params, generator))]
         else:
-            committed, pending, verified = speculative_step(target, drafter, cache, draft_cache, [new_tokens[-1]],
-                                                            pending, [params], [generator], step_cost)
+            committed, pending, verified, looked_up = speculative_step(
+                target, drafter, cache, draft_cache, [new_tokens[-1]], pending, [params], [generator], step_cost,
+                [index] if index is not None else None)
             new_tokens = committed[0]
             stats.drafts_verified.append(verified)
+            stats.lookup_steps += looked_up[0]
+            if index is not None:
+                index.extend(new_tokens)
         stats.target_forwards += 1
         stats.accepted_lengths.append(len(new_tokens))
         if not plain and gives_up(stats, min_accepted, probe_steps, step_cost):

@@ -1,0 +1,132 @@
+"""Lookup drafts (prompt lookup): the index proposes what followed the longest recurring suffix, and decoding with
+them stays lossless: greedy output equals plain decoding, alone or in a batch beside drafter rows, and sampled
+output follows the target distribution (checked statistically)."""
+
+import itertools
+
+import pytest
+import torch
+
+from tests.engine.test_speculative import chi_square_p_value, make_drafter, plain_tokens
+from tests.helpers import hf_model, ours_from_hf
+from ultraspeed.engine import speculative
+from ultraspeed.engine.generate import GenerationStats
+from ultraspeed.engine.lookup_draft import NgramIndex, lookup_confidence
+from ultraspeed.engine.sampler import SamplingParams, token_distribution
+from ultraspeed.engine.verify_length import StepCost
+
+pytest.importorskip("transformers")
+
+
+def test_the_longest_recurring_suffix_proposes_what_followed_its_latest_occurrence():
+    index = NgramIndex.of([1, 2, 3, 9, 5, 2, 3, 7, 8, 4, 1, 2, 3])
+    # (2, 3) recurs twice, followed by 9 then by 7; (1, 2, 3) recurs once, followed by 9: the longer match wins
+    assert index.propose(4) == ([9, 5, 2, 3], 3)
+    index.extend([7])                          # (1, 2, 3, 7) is new; (2, 3, 7) was followed by 8
+    assert index.propose(3) == ([8, 4, 1], 3)
+    assert NgramIndex.of([1, 2, 3, 4]).propose(4) == ([], 0)    # nothing recurs
+    assert NgramIndex.of([5, 5]).propose(4) == ([], 0)          # its own suffix is not a match
+    assert NgramIndex.of([5, 5, 5]).propose(4) == ([5], 2)      # stops where the sequence ends
+
+
+def test_extending_token_by_token_builds_the_same_index():
+    tokens = [int(t) for t in torch.randint(0, 5, (200,), generator=torch.Generator().manual_seed(0))]
+    grown = NgramIndex()
+    for t in tokens:
+        grown.extend([t])
+    assert grown.after == NgramIndex.of(tokens).after and grown.propose(6) == NgramIndex.of(tokens).propose(6)
+
+
+def test_longer_matches_are_trusted_more_and_later_slots_keep_the_last_rate():
+    two, four = lookup_confidence(2, 8), lookup_confidence(7, 8)
+    assert len(two) == 8 and two[0] < four[0] and two[-1] == two[-2]
+    assert all(0 < c < 1 for c in two + four)
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    return ours_from_hf(hf_model("qwen3", seed=5), tmp_path_factory.mktemp("qwen3"))
+
+
+# The prompt repeats itself and tiny random models soon repeat too, so lookups fire often.
+PROMPT = [3, 17, 42, 9, 3, 17, 42, 9, 3, 17]
+
+
+@pytest.mark.parametrize("step_cost", [None, StepCost(draft=1.0, fixed=1.0, per_token=0.2)])
+def test_greedy_with_lookup_drafts_equals_plain_decoding(target, step_cost, monkeypatch):
+    drafts_run = []
+    real_draft = speculative.draft_block
+    monkeypatch.setattr(speculative, "draft_block", lambda *a: drafts_run.append(1) or real_draft(*a))
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    stats = GenerationStats()
+    got = sum(speculative.generate_speculative(target, make_drafter(target, 6), PROMPT, params, stats=stats,
+                                               step_cost=step_cost, lookup=True), [])
+    assert got == plain_tokens(target, PROMPT, params)
+    assert stats.lookup_steps > 0 and max(stats.accepted_lengths) > 1     # lookup drafts were made and accepted
+    assert len(drafts_run) == len(stats.accepted_lengths) - stats.lookup_steps   # the drafter ran only without one
+
+
+class NoMatches(NgramIndex):
+    """A row that never finds its suffix again (tiny random models repeat themselves too soon for a real one)."""
+
+    def propose(self, length):
+        return [], 0
+
+
+def test_a_batch_mixing_lookup_and_drafter_rows_equals_plain_decoding(target):
+    drafter = make_drafter(target, block_size=5)
+    prompts = [PROMPT, [100, 5, 6, 7, 8, 9, 10, 11, 12], [55, 66]]
+    params = SamplingParams(max_tokens=25, ignore_eos=True)
+    cache, draft_cache = target.new_cache(3, 128), speculative.new_draft_cache(drafter, 3, 128)
+    anchors, pending, outputs, indexes, looked = [], [], [], [], []
+    with torch.inference_mode():
+        for row, prompt in enumerate(prompts):
+            hidden, captured = target(torch.tensor([prompt]), cache, drafter.config.target_layer_ids, first_row=row)
+            anchors.append(int(target.logits(hidden[:, -1]).argmax()))
+            pending.append(speculative.features_of(captured))
+            outputs.append([anchors[-1]])
+            indexes.append((NoMatches if row == 2 else NgramIndex).of(prompt + [anchors[-1]]))
+        while min(len(o) for o in outputs) < 25:
+            committed, pending, _, looked_up = speculative.speculative_step(
+                target, drafter, cache, draft_cache, anchors, pending, [params] * 3, [None] * 3, None, indexes)
+            looked.append(looked_up)
+            for row, toks in enumerate(committed):
+                outputs[row].extend(toks)
+                indexes[row].extend(toks)
+                anchors[row] = toks[-1]
+    for prompt, out in zip(prompts, outputs):
+        assert out[:25] == plain_tokens(target, prompt, params)
+    assert any(row[0] for row in looked) and not any(row[2] for row in looked)   # mixed steps happened
+
+
+def test_sampling_with_lookup_drafts_follows_the_target_distribution(target):
+    """Three sampled tokens (top-2 at each step, so 8 possible continuations) after a prompt whose suffix recurs:
+    their frequencies over many seeds match the target's own probabilities of each continuation."""
+    params = SamplingParams(max_tokens=3, temperature=1.0, top_k=2, ignore_eos=True)
+    prompt = [3, 17, 42, 3, 17]
+    exact = {}
+    with torch.inference_mode():
+        for seq in itertools.product(*[range(2)] * 3):
+            ids, prob = list(prompt), 1.0
+            for choice in seq:
+                hidden, _ = target(torch.tensor([ids]), target.new_cache(1, 16))
+                p = token_distribution(target.logits(hidden[:, -1]), params)[0]
+                top = torch.topk(p, 2)
+                prob *= float(top.values[choice])
+                ids.append(int(top.indices[choice]))
+            exact[tuple(ids[len(prompt):])] = prob
+    counts = dict.fromkeys(exact, 0)
+    drafter, lookup_steps = make_drafter(target, 4), 0
+    for seed in range(600):
+        stats = GenerationStats()
+        out = sum(speculative.generate_speculative(target, drafter, prompt, SamplingParams(
+            max_tokens=3, temperature=1.0, top_k=2, ignore_eos=True, seed=seed), stats=stats, lookup=True), [])
+        counts[tuple(out)] += 1
+        lookup_steps += stats.lookup_steps
+    assert lookup_steps > 100
+    keys = list(exact)
+    observed = torch.tensor([counts[k] for k in keys], dtype=torch.float64)
+    expected = torch.tensor([exact[k] for k in keys], dtype=torch.float64)
+    assert chi_square_p_value(observed, expected) > 1e-3
+    # And the test has power: the same counts do not fit a uniform choice among the 8 continuations.
+    assert chi_square_p_value(observed, torch.full_like(expected, 1 / 8)) < 1e-6
