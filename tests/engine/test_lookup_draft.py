@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from tests.engine.test_speculative import chi_square_p_value, make_drafter, plain_tokens
+from tests.engine.test_speculative import chi_square_p_value, decode_batch, make_drafter, plain_tokens
 from tests.helpers import hf_model, ours_from_hf
 from ultraspeed.engine import speculative
 from ultraspeed.engine.generate import GenerationStats
@@ -74,26 +74,10 @@ class NoMatches(NgramIndex):
 
 
 def test_a_batch_mixing_lookup_and_drafter_rows_equals_plain_decoding(target):
-    drafter = make_drafter(target, block_size=5)
     prompts = [PROMPT, [100, 5, 6, 7, 8, 9, 10, 11, 12], [55, 66]]
     params = SamplingParams(max_tokens=25, ignore_eos=True)
-    cache, draft_cache = target.new_cache(3, 128), speculative.new_draft_cache(drafter, 3, 128)
-    anchors, pending, outputs, indexes, looked = [], [], [], [], []
-    with torch.inference_mode():
-        for row, prompt in enumerate(prompts):
-            hidden, captured = target(torch.tensor([prompt]), cache, drafter.config.target_layer_ids, first_row=row)
-            anchors.append(int(target.logits(hidden[:, -1]).argmax()))
-            pending.append(speculative.features_of(captured))
-            outputs.append([anchors[-1]])
-            indexes.append((NoMatches if row == 2 else NgramIndex).of(prompt + [anchors[-1]]))
-        while min(len(o) for o in outputs) < 25:
-            committed, pending, _, looked_up = speculative.speculative_step(
-                target, drafter, cache, draft_cache, anchors, pending, [params] * 3, [None] * 3, None, indexes)
-            looked.append(looked_up)
-            for row, toks in enumerate(committed):
-                outputs[row].extend(toks)
-                indexes[row].extend(toks)
-                anchors[row] = toks[-1]
+    outputs, _, looked = decode_batch(target, make_drafter(target, block_size=5), prompts, params,
+                                      index_of=lambda row, tokens: (NoMatches if row == 2 else NgramIndex).of(tokens))
     for prompt, out in zip(prompts, outputs):
         assert out[:25] == plain_tokens(target, prompt, params)
     assert any(row[0] for row in looked) and not any(row[2] for row in looked)   # mixed steps happened

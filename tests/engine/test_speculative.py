@@ -148,29 +148,40 @@ def test_batched_rows_with_different_lengths_identical(target, step_cost, monkey
     real_draft = speculative.draft_block
     monkeypatch.setattr(speculative, "draft_block",
                         lambda *a: (real_draft(*a)[0], torch.rand(real_draft(*a)[0].shape, generator=g) ** 0.3))
-    verified = []
     drafter = make_drafter(target, block_size=5)
     prompts = [[3, 17, 42, 9], [100, 5, 6, 7, 8, 9, 10, 11, 12], [55, 66]]
     params = SamplingParams(max_tokens=25, ignore_eos=True)
-    cache = target.new_cache(3, 128)
-    draft_cache = speculative.new_draft_cache(drafter, 3, 128)
-    anchors, pending, outputs = [], [], []
+    outputs, verified, _ = decode_batch(target, drafter, prompts, params, step_cost)
+    for prompt, out in zip(prompts, outputs):
+        assert out[:25] == plain_tokens(target, prompt, params)
+    assert set(verified) == {4} if step_cost is None else len(set(verified)) >= 3
+
+
+def decode_batch(target, drafter, prompts, params, step_cost=None, index_of=None):
+    """Greedy rows stepped together by speculative_step until each has params.max_tokens tokens. index_of(row,
+    tokens) builds a row's lookup index (None: no lookup drafts). -> outputs per row, drafts verified per step,
+    which rows looked up per step."""
+    n = len(prompts)
+    cache, draft_cache = target.new_cache(n, 128), speculative.new_draft_cache(drafter, n, 128)
+    anchors, pending, outputs, verified, looked = [], [], [], [], []
     with torch.inference_mode():
         for row, prompt in enumerate(prompts):
             hidden, captured = target(torch.tensor([prompt]), cache, drafter.config.target_layer_ids, first_row=row)
             anchors.append(int(target.logits(hidden[:, -1]).argmax()))
             pending.append(speculative.features_of(captured))
             outputs.append([anchors[-1]])
-        while min(len(o) for o in outputs) < 25:
-            committed, pending, n_verified, _ = speculative.speculative_step(
-                target, drafter, cache, draft_cache, anchors, pending, [params] * 3, [None] * 3, step_cost)
+        indexes = [index_of(row, p + o) for row, (p, o) in enumerate(zip(prompts, outputs))] if index_of else None
+        while min(len(o) for o in outputs) < params.max_tokens:
+            committed, pending, n_verified, looked_up = speculative.speculative_step(
+                target, drafter, cache, draft_cache, anchors, pending, [params] * n, [None] * n, step_cost, indexes)
             verified.append(n_verified)
+            looked.append(looked_up)
             for row, toks in enumerate(committed):
                 outputs[row].extend(toks)
                 anchors[row] = toks[-1]
-    for prompt, out in zip(prompts, outputs):
-        assert out[:25] == plain_tokens(target, prompt, params)
-    assert set(verified) == {4} if step_cost is None else len(set(verified)) >= 3
+                if indexes:
+                    indexes[row].extend(toks)
+    return outputs, verified, looked
 
 
 def test_draft_vocabulary_subset_stays_lossless(target):
