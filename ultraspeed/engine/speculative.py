@@ -88,7 +88,7 @@ def propose_drafts(drafter: DFlashDrafter, target: Decoder, draft_cache: KVCache
         if tokens:
             drafts[row, :len(tokens)] = torch.tensor(tokens, device=drafts.device)
             confidence[row] = 0.0
-            confidence[row, :len(tokens)] = torch.tensor(lookup_confidence(n, len(tokens)))
+            confidence[row, :len(tokens)] = torch.tensor(lookup_confidence(n, len(tokens)), device=drafts.device)
     return drafts, confidence, looked_up
 
 
