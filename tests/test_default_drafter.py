@@ -1,6 +1,6 @@
 """The shipped DFlash drafter on the embedded default model, served as `generate` serves it (int8 dense weights
-on a CPU): speculative output, whole blocks or the CPU's shorter blocks with adaptive verification, equals plain
-greedy decoding."""
+on a CPU): speculative output, whole blocks or the CPU's shorter blocks with adaptive verification and lookup
+drafts, equals plain greedy decoding."""
 
 import pytest
 import torch
@@ -31,10 +31,12 @@ def test_shipped_drafter_is_lossless_on_the_default_model(served, domain):
     prompt = tok.encode_chat(domain_prompts(domain, "eval", 1)[0])
     params = SamplingParams(max_tokens=40, ignore_eos=True)
     plain = sum(generate_plain(model, prompt, params), [])
-    # Whole blocks of the drafter's own length, and what `generate` serves on a CPU: shorter blocks, adaptive.
+    # Whole blocks of the drafter's own length from the drafter alone, and what `generate` serves on a CPU:
+    # shorter blocks, adaptive verification, lookup drafts where the context repeats.
     served = with_block_size(drafter, serving_block_size(drafter.config.block_size, 0, torch.device("cpu")))
     assert served.config.block_size < drafter.config.block_size
-    for d, cost in ((drafter, None), (served, measure_step_cost(model, served, repeats=1))):
+    for d, cost, lookup in ((drafter, None, False), (served, measure_step_cost(model, served, repeats=1), True)):
         stats = GenerationStats()
-        assert sum(generate_speculative(model, d, prompt, params, stats=stats, step_cost=cost), []) == plain
-        assert stats.target_forwards < 40          # the drafter really committed several tokens in some steps
+        assert sum(generate_speculative(model, d, prompt, params, stats=stats, step_cost=cost, lookup=lookup),
+                   []) == plain
+        assert stats.target_forwards < 40          # several tokens were committed in some steps

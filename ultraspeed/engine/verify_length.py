@@ -42,8 +42,9 @@ class StepCost:
 
 # On a CPU, blocks of this many positions: verification there rarely takes more than a few drafts (the adaptive
 # rule above verifies 1.2-5.6 of 15 on average), so drafting 16 positions pays ~40% more draft time for slots that
-# are almost never verified. Measured side by side (docs/bench/acceptance.json, adaptive verification): block 8
-# runs 0.85-1.52x plain decoding, block 16 0.85-1.53x, 8 ahead on code (1.05 vs 0.94x) and math (1.44 vs 1.33x).
+# are almost never verified. Measured side by side (docs/bench/acceptance.json, adaptive verification with lookup
+# drafts, as served): block 8 runs 1.02-1.53x plain decoding, block 16 1.02-1.61x; 8 is ahead on code (1.53 vs
+# 1.42x) and math (1.52 vs 1.40x), 16 on agent transcripts (1.61 vs 1.47x).
 CPU_BLOCK_SIZE = 8
 
 
