@@ -335,7 +335,7 @@ def cmd_bench_report(args: argparse.Namespace) -> int:
     cfg = ReportConfig(model=args.model, drafter=args.drafter, systems=tuple(args.systems),
                        domains=tuple(args.domains), prompts_per_domain=args.prompts, new_tokens=args.new_tokens,
                        repeats=args.repeats, block_sizes=tuple(args.block_sizes), threads=args.threads,
-                       verify=args.verify)
+                       verify=args.verify, lookup=not args.no_lookup)
     report = run_report(quick(cfg) if args.quick else cfg, Path(args.out_dir))
     print(json.dumps(report, indent=2) if args.json else (Path(args.out_dir) / "report.md").read_text())
     failed = failed_systems(report)
@@ -618,6 +618,9 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--threads", type=int, default=2, help="CPU threads for every system (default 2)")
     br.add_argument("--verify", choices=["adaptive", "full"], default="adaptive",
                     help="DFlash systems verify adaptively (default, as generate and serve do) or whole blocks")
+    br.add_argument("--no-lookup", action="store_true",
+                    help="DFlash systems draft with the drafter only (default: lookup drafts where the context "
+                         "repeats, as generate and serve do)")
     br.add_argument("--quick", action="store_true", help="1 repeat, 1 prompt per domain, 16 new tokens")
     br.add_argument("--json", action="store_true", help="print the JSON report instead of the Markdown")
     br.set_defaults(func=cmd_bench_report)

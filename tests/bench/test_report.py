@@ -58,6 +58,8 @@ def test_quick_report_end_to_end(capsys, tmp_path):
     if report["machine"]["device"] == "cpu":
         assert GPU_NOTE in markdown
     assert report["charts"] == {"tokens_per_s": "tokens_per_s.png"}     # no DFlash: no block charts
+    # DFlash systems would run as generate serves them: lookup drafts where the context repeats
+    assert report["config"]["lookup"] is True and "lookup drafts, as generate and serve run" in markdown
     assert is_png(tmp_path / "tokens_per_s.png") and "](tokens_per_s.png)" in markdown
 
 

@@ -63,6 +63,7 @@ class ReportConfig:
     threads: int = 2
     scale_rule: str = "ceil"
     verify: str = "adaptive"              # DFlash systems: "adaptive" (as generate runs) or "full" blocks
+    lookup: bool = True                   # DFlash systems also draft by lookup where the context repeats (as served)
 
     def __post_init__(self) -> None:
         if min(self.prompts_per_domain, self.new_tokens, self.repeats, self.threads, *self.block_sizes) < 1:
@@ -108,7 +109,7 @@ def drain(chunks: Iterator[Sequence[int]], limit: int, t0: float) -> tuple[int, 
     return count, ttft
 
 
-def ours_runner(model, cache, drafter=None, step_cost=None) -> Runner:
+def ours_runner(model, cache, drafter=None, step_cost=None, lookup=False) -> Runner:
     from ultraspeed.engine.generate import GenerationStats, generate_plain
     from ultraspeed.engine.sampler import SamplingParams
     from ultraspeed.engine.speculative import generate_speculative
@@ -118,7 +119,8 @@ def ours_runner(model, cache, drafter=None, step_cost=None) -> Runner:
         stats = GenerationStats()
         t0 = time.perf_counter()
         chunks = (generate_plain(model, prompt, params, cache=cache, stats=stats) if drafter is None else
-                  generate_speculative(model, drafter, prompt, params, cache=cache, stats=stats, step_cost=step_cost))
+                  generate_speculative(model, drafter, prompt, params, cache=cache, stats=stats, step_cost=step_cost,
+                                       lookup=lookup))
         count, ttft = drain(chunks, new_tokens, t0)
         return Sample(count, time.perf_counter() - t0, ttft, tuple(stats.accepted_lengths))
 
@@ -200,6 +202,7 @@ class SystemJob:
     scale_rule: str
     block_sizes: tuple[int, ...]
     verify: str = "adaptive"
+    lookup: bool = True
 
     def context_tokens(self, block_size: int = 0) -> int:
         """KV room to allocate: the longest prompt, the new tokens and one draft block (or lookup) past them.
@@ -267,12 +270,13 @@ def build_runners(job: SystemJob) -> tuple[dict[int, Runner], dict]:
     cache = loaded.model.new_cache(1, job.context_tokens(drafter.config.block_size))   # one, shared by the sweep
     blocks = sorted({drafter.config.block_size, *job.block_sizes})
     facts["verify"] = job.verify
+    facts["lookup"] = job.lookup
     drafters = {b: with_block_size(drafter, b) for b in blocks}
     costs = ({b: measure_step_cost(loaded.model, d) for b, d in drafters.items()} if job.verify == "adaptive"
              else {})
     if costs:
         facts["step_costs"] = {str(b): asdict(c) for b, c in costs.items()}
-    return {b: ours_runner(loaded.model, cache, d, costs.get(b)) for b, d in drafters.items()}, facts
+    return {b: ours_runner(loaded.model, cache, d, costs.get(b), job.lookup) for b, d in drafters.items()}, facts
 
 
 def collect(runner: Runner, job: SystemJob, label: str) -> dict[str, list[Sample]]:
@@ -417,7 +421,7 @@ def run_report(cfg: ReportConfig, out_dir: Path) -> dict:
             report["systems"][name] = {"missing": reason}
             continue
         job = SystemJob(name, cfg.model, str(drafter) if drafter else None, prompts, cfg.new_tokens, cfg.repeats,
-                        cfg.threads, cfg.scale_rule, tuple(cfg.block_sizes), cfg.verify)
+                        cfg.threads, cfg.scale_rule, tuple(cfg.block_sizes), cfg.verify, cfg.lookup)
         done = load_measured(partial, job)
         if done is not None:
             report["systems"][name] = done
@@ -585,8 +589,9 @@ def format_markdown(report: dict) -> str:
               + ("only the drafts worth their time (adaptive, as generate and serve run it; whole-block "
                  "acceptance per domain: `ultraspeed bench acceptance`)." if cfg.get("verify", "adaptive") == "adaptive"
                  else "whole blocks (--verify full).")
-              + " Drafts come from the drafter alone (`generate` and `serve` also draft by lookup where the "
-                "context repeats: `ultraspeed bench acceptance` measures that).",
+              + (" Where the context repeats, drafts come from there (lookup drafts, as generate and serve run "
+                 "by default), elsewhere from the drafter." if cfg.get("lookup", False) else
+                 " Drafts come from the drafter alone (--no-lookup)."),
               "- Every system runs alone in a fresh process. peak RSS: that process's peak resident memory "
               "(getrusage maxrss, loading included); extra: peak minus its resident memory after imports, before "
               "loading weights; RSS after: resident memory once measured (what serving holds).",
