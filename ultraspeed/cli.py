@@ -58,8 +58,9 @@ def share_arg(text: str) -> float:
 
 
 def min_accepted_for(args: argparse.Namespace, adaptive: bool) -> float | None:
-    """'auto' needs step costs, which only adaptive verification measures; whole blocks keep the old rule of 2."""
-    return 2.0 if args.min_accepted is None and not adaptive else args.min_accepted
+    """'auto' needs step costs, which only adaptive verification measures; whole blocks keep a fixed rule."""
+    from ultraspeed.engine.speculative import served_min_accepted
+    return served_min_accepted(adaptive) if args.min_accepted is None else args.min_accepted
 
 
 def block_size_arg(text: str) -> int:

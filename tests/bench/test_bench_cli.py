@@ -49,6 +49,7 @@ def test_bench_acceptance_json(capsys, tmp_path):
         assert r["mean_drafts_verified"] == int(block) - 1
         # As generate serves: lookup drafts where the context repeats; the whole-block runs never use them.
         assert r["lookup_step_share"] == 0 and 0 <= r["lookup"]["lookup_step_share"] <= 1
+        assert r["gave_up"] == 0 and r["lookup"]["gave_up"] in (0, 1)     # only the served mode gives up
     assert set(report["step_costs"]) == {"4", "8"}
 
 

@@ -52,18 +52,26 @@ def target(tmp_path_factory):
 PROMPT = [3, 17, 42, 9, 3, 17, 42, 9, 3, 17]
 
 
-@pytest.mark.parametrize("step_cost", [None, StepCost(draft=1.0, fixed=1.0, per_token=0.2)])
-def test_greedy_with_lookup_drafts_equals_plain_decoding(target, step_cost, monkeypatch):
+@pytest.mark.parametrize("step_cost, min_accepted", [(None, 0.0), (StepCost(draft=1.0, fixed=1.0, per_token=0.2), 0.0),
+                                                     (None, 100.0)])
+def test_greedy_with_lookup_drafts_equals_plain_decoding(target, step_cost, min_accepted, monkeypatch):
+    """Also when the drafter is given up after the probe steps (min_accepted 100): lookup drafts go on then, as
+    they need no drafter forward."""
     drafts_run = []
     real_draft = speculative.draft_block
     monkeypatch.setattr(speculative, "draft_block", lambda *a: drafts_run.append(1) or real_draft(*a))
     params = SamplingParams(max_tokens=40, ignore_eos=True)
     stats = GenerationStats()
     got = sum(speculative.generate_speculative(target, make_drafter(target, 6), PROMPT, params, stats=stats,
-                                               step_cost=step_cost, lookup=True), [])
+                                               step_cost=step_cost, lookup=True, min_accepted=min_accepted,
+                                               probe_steps=2), [])
     assert got == plain_tokens(target, PROMPT, params)
     assert stats.lookup_steps > 0 and max(stats.accepted_lengths) > 1     # lookup drafts were made and accepted
-    assert len(drafts_run) == len(stats.accepted_lengths) - stats.lookup_steps   # the drafter ran only without one
+    if min_accepted:
+        assert stats.plain_after == 2 and len(drafts_run) <= 2
+        assert max(stats.accepted_lengths[2:]) > 1                       # and accepted after the switch
+    else:
+        assert len(drafts_run) == len(stats.accepted_lengths) - stats.lookup_steps   # drafter only without one
 
 
 class NoMatches(NgramIndex):
@@ -83,9 +91,22 @@ def test_a_batch_mixing_lookup_and_drafter_rows_equals_plain_decoding(target):
     assert any(row[0] for row in looked) and not any(row[2] for row in looked)   # mixed steps happened
 
 
-def test_sampling_with_lookup_drafts_follows_the_target_distribution(target):
+def test_lookup_drafts_of_a_batch_are_padded_with_chance_zero():
+    drafts, chances, looked_up = speculative.lookup_drafts(
+        [NgramIndex.of(PROMPT), None, NoMatches.of(PROMPT), NgramIndex.of([1, 2, 3, 1, 2])], 4, torch.device("cpu"))
+    assert looked_up == [True, False, False, True]
+    assert drafts.tolist() == [[42, 9, 3, 17], [0] * 4, [0] * 4, [3, 1, 2, 0]]
+    torch.testing.assert_close(chances[0], torch.tensor(lookup_confidence(4, 4)))   # 42, 9, 3, 17 recurs
+    assert chances[1:3].eq(0).all() and chances[3, 3] == 0 and chances[3, :3].gt(0).all()
+    drafts, chances, looked_up = speculative.lookup_drafts([None, NoMatches()], 4, torch.device("cpu"))
+    assert drafts.shape == chances.shape == (2, 0) and looked_up == [False, False]
+
+
+@pytest.mark.parametrize("gave_up", [False, True])
+def test_sampling_with_lookup_drafts_follows_the_target_distribution(target, gave_up, monkeypatch):
     """Three sampled tokens (top-2 at each step, so 8 possible continuations) after a prompt whose suffix recurs:
-    their frequencies over many seeds match the target's own probabilities of each continuation."""
+    their frequencies over many seeds match the target's own probabilities of each continuation; also when the
+    drafter is given up after the first step, so that the later steps verify lookup drafts only."""
     params = SamplingParams(max_tokens=3, temperature=1.0, top_k=2, ignore_eos=True)
     prompt = [3, 17, 42, 3, 17]
     exact = {}
@@ -101,13 +122,22 @@ def test_sampling_with_lookup_drafts_follows_the_target_distribution(target):
             exact[tuple(ids[len(prompt):])] = prob
     counts = dict.fromkeys(exact, 0)
     drafter, lookup_steps = make_drafter(target, 4), 0
+    plain_lookups, real_step = {"n": 0}, speculative.lookup_step
+
+    def counted_step(*args):
+        out = real_step(*args)
+        plain_lookups["n"] += out[2][0]
+        return out
+
+    monkeypatch.setattr(speculative, "lookup_step", counted_step)
     for seed in range(600):
         stats = GenerationStats()
         out = sum(speculative.generate_speculative(target, drafter, prompt, SamplingParams(
-            max_tokens=3, temperature=1.0, top_k=2, ignore_eos=True, seed=seed), stats=stats, lookup=True), [])
+            max_tokens=3, temperature=1.0, top_k=2, ignore_eos=True, seed=seed), stats=stats, lookup=True,
+            min_accepted=100.0 if gave_up else 0.0, probe_steps=1), [])
         counts[tuple(out)] += 1
         lookup_steps += stats.lookup_steps
-    assert lookup_steps > 100
+    assert lookup_steps > 100 and (plain_lookups["n"] > 50) == gave_up
     keys = list(exact)
     observed = torch.tensor([counts[k] for k in keys], dtype=torch.float64)
     expected = torch.tensor([exact[k] for k in keys], dtype=torch.float64)

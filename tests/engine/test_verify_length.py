@@ -14,6 +14,12 @@ def test_expected_tokens_counts_the_bonus_and_each_surviving_prefix():
     torch.testing.assert_close(e, torch.tensor([[1.0, 1.5, 1.75, 2.0], [1.0, 2.0, 2.0, 2.0]]))
 
 
+def test_nothing_drafted_means_nothing_to_verify():
+    """A step where no row has a draft (a lookup step that found none) still gets a length: zero."""
+    torch.testing.assert_close(expected_tokens(torch.zeros(3, 0)), torch.ones(3, 1))
+    assert choose_verify_length(torch.zeros(3, 0), StepCost(draft=0.0, fixed=1.0, per_token=0.1)) == 0
+
+
 def test_flat_verify_cost_verifies_the_whole_block():
     """A GPU-like cost (extra positions are free): every draft is worth verifying, however unsure."""
     assert choose_verify_length(torch.full((2, 7), 0.05), StepCost(draft=0.1, fixed=1.0, per_token=0.0)) == 7

@@ -110,23 +110,30 @@ def test_candidates_of_one_prompt_share_its_prefill(tiny, engine, group):
     assert [c.final.stats.prefill_tokens for c in together] == [len(p)] * len(first) + [len(p), 0]
 
 
-def test_requests_the_drafter_does_not_help_move_to_the_plain_lane(tiny):
+@pytest.mark.parametrize("lookup", [False, True])
+def test_requests_the_drafter_does_not_help_move_to_the_plain_lane(tiny, lookup):
     """With min_accepted above what the drafter commits, speculative requests switch to plain decoding after the
-    probe steps, mid-batch, and still produce exactly the plain greedy tokens."""
-    config = EngineConfig(groups=GROUPS, max_len=128, max_queue=16, min_accepted=100.0, probe_steps=3)
+    probe steps, mid-batch, and still produce exactly the plain greedy tokens. With lookup drafts they go on
+    verifying those in the plain lane (they need no drafter), beside a standard request decoding one token per
+    step."""
+    config = EngineConfig(groups=GROUPS, max_len=128, max_queue=16, min_accepted=100.0, probe_steps=3,
+                          lookup=lookup)
     engine = Engine(tiny.model, config, tiny.drafter).start()
     try:
-        params = SamplingParams(max_tokens=20, ignore_eos=True)
-        ps = prompts(3)
+        params = SamplingParams(max_tokens=30, ignore_eos=True)
+        ps = [[5, 9, 13, 5, 9, 13, 5, 9], [77, 3, 77, 3, 77], [5, 9, 13, 5, 9, 13, 5, 9]]
         got = run(engine, [EngineRequest(p, params, None, group=g)
                            for p, g in zip(ps, ("ultraspeed", "ultraspeed", "standard"))])
     finally:
         engine.stop()
     for c, p in zip(got, ps):
         assert c.tokens == sum(generate_plain(tiny.model, p, params), [])
-    assert [c.final.stats.plain_after for c in got] == [3, 3, None]
-    # after the switch every step commits exactly one token
-    assert all(a == 1 for c in got[:2] for a in c.final.stats.accepted_lengths[3:])
+    stats = [c.final.stats for c in got]
+    assert [s.plain_after for s in stats] == [3, 3, None]
+    after_switch = {a for s in stats[:2] for a in s.accepted_lengths[3:]}
+    # after the switch a step commits one token, or more where a lookup draft was accepted
+    assert after_switch == {1} if not lookup else max(after_switch) > 1
+    assert stats[2].lookup_steps == 0 and set(stats[2].accepted_lengths) == {1}     # standard: plain decoding
     assert not engine._spec.seqs and not engine._plain.seqs
 
 

@@ -7,8 +7,9 @@ measures on the prompts the drafter was distilled from instead: the gap between 
 acceptance is memorised rather than learned.
 
 Per block size: whole blocks from the drafter alone (the drafter's quality), adaptive verification (what it
-is worth on this machine) and, as `generate` and `serve` run by default, with lookup drafts where the context
-repeats (engine/lookup_draft.py).
+is worth on this machine) and as `generate` and `serve` run by default: with lookup drafts where the context
+repeats (engine/lookup_draft.py), giving up on the drafter for a reply where it commits less than its
+break-even after the probe steps (lookup drafts are still verified then).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from ultraspeed.bench.machine import describe_machine, median
 from ultraspeed.engine.generate import GenerationStats, generate_plain
 from ultraspeed.engine.sampler import SamplingParams
-from ultraspeed.engine.speculative import generate_speculative
+from ultraspeed.engine.speculative import generate_speculative, served_min_accepted
 from ultraspeed.engine.verify_length import measure_step_cost
 from ultraspeed.models.dflash import DFlashDrafter, with_block_size
 from ultraspeed.quant.int8 import apply_weight_format, match_drafter_weights
@@ -43,7 +44,7 @@ class AcceptanceConfig:
     weights: str = "auto"            # dense weight format, as `generate` serves by default
     split: str = "eval"              # "eval": held-out prompts; "train": the drafter's own training prompts
     adaptive: bool = True            # beside whole blocks (the drafter's quality), time adaptive verification
-    lookup: bool = True              # ... and decoding with lookup drafts (verified adaptively if `adaptive`)
+    lookup: bool = True              # ... and as served: lookup drafts, giving up on the drafter as generate does
 
     def __post_init__(self) -> None:
         if self.split not in ("eval", "train"):
@@ -70,9 +71,11 @@ def run_acceptance_bench(loaded, drafter: DFlashDrafter, cfg: AcceptanceConfig) 
     # Step costs for adaptive verification, timed once per block size before any timed run.
     costs = {b: measure_step_cost(model, with_block_size(drafter, b)) for b in cfg.block_sizes if cfg.adaptive}
     report["step_costs"] = {str(b): dataclasses.asdict(c) for b, c in costs.items()}
-    # Every timed configuration: plain decoding, then each block size in each mode (name, verify, lookup).
-    modes = ([("full", "full", False)] + ([("adaptive", "adaptive", False)] if cfg.adaptive else [])
-             + ([("lookup", "adaptive" if cfg.adaptive else "full", True)] if cfg.lookup else []))
+    # Every timed configuration: plain decoding, then each block size in each mode (name, verify, lookup,
+    # min_accepted: 0 never gives up on the drafter; the served mode gives up as generate does).
+    modes = ([("full", "full", False, 0.0)] + ([("adaptive", "adaptive", False, 0.0)] if cfg.adaptive else [])
+             + ([("lookup", "adaptive" if cfg.adaptive else "full", True, served_min_accepted(cfg.adaptive))]
+                if cfg.lookup else []))
     configs = [(None, None)] + [(b, mode) for b in cfg.block_sizes for mode in modes]   # block None: plain
     drafters = {b: with_block_size(drafter, b) for b in cfg.block_sizes}
     bar = tqdm(total=len(cfg.domains) * cfg.prompts_per_domain * len(configs), desc="bench acceptance", unit="run")
@@ -88,7 +91,7 @@ def run_acceptance_bench(loaded, drafter: DFlashDrafter, cfg: AcceptanceConfig) 
                 run = (generate_plain(model, prompt, params, tok.stop_token_ids, cache, st) if block is None else
                        generate_speculative(model, drafters[block], prompt, params, tok.stop_token_ids, cache, st,
                                             step_cost=costs[block] if mode[1] == "adaptive" else None,
-                                            lookup=mode[2]))
+                                            lookup=mode[2], min_accepted=mode[3]))
                 seconds[block, mode].append(_timed(run))
                 stats[block, mode].append(st)
                 bar.update(1)
@@ -119,7 +122,8 @@ def summarise(stats: list[GenerationStats], seconds: list[float], plain_tokens: 
     return {
         "mean_accepted": round(sum(accepted) / max(1, len(accepted)), 3),
         "mean_drafts_verified": round(sum(verified) / max(1, len(verified)), 3),
-        "lookup_step_share": round(sum(s.lookup_steps for s in stats) / max(1, len(verified)), 3),
+        "lookup_step_share": round(sum(s.lookup_steps for s in stats) / max(1, len(accepted)), 3),
+        "gave_up": sum(s.plain_after is not None for s in stats),     # replies that went on without the drafter
         "accepted_histogram": {str(k): accepted.count(k) for k in range(1, block_size + 1)},
         "tokens_per_s": round(sum(tokens) / sum(seconds), 2),
         "speedup_vs_plain": round((sum(plain_seconds) / sum(plain_tokens)) / (sum(seconds) / sum(tokens)), 3),
@@ -130,14 +134,15 @@ def summarise(stats: list[GenerationStats], seconds: list[float], plain_tokens: 
 
 def format_table(report: dict) -> str:
     lines = ["| domain | block | mean accepted | goal | tok/s | plain tok/s | speed-up | adaptive: accepted, "
-             "drafts verified, tok/s, speed-up | with lookup: accepted, lookup steps, tok/s, speed-up |",
+             "drafts verified, tok/s, speed-up | as served (lookup, give-up): accepted, lookup steps, replies that gave "
+             "up, tok/s, speed-up |",
              "|---|---|---|---|---|---|---|---|---|"]
     for domain, r in report["results"].items():
         for block, b in r["blocks"].items():
             a, lk = b.get("adaptive"), b.get("lookup")
             adaptive = (f"{a['mean_accepted']}, {a['mean_drafts_verified']}, {a['tokens_per_s']}, "
                         f"{a['speedup_vs_plain']}x" if a else "-")
-            lookup = (f"{lk['mean_accepted']}, {lk['lookup_step_share']:.0%}, {lk['tokens_per_s']}, "
+            lookup = (f"{lk['mean_accepted']}, {lk['lookup_step_share']:.0%}, {lk['gave_up']}, {lk['tokens_per_s']}, "
                       f"{lk['speedup_vs_plain']}x" if lk else "-")
             lines.append(f"| {domain} | {block} | {b['mean_accepted']} | {r['goal_mean_accepted'] or '-'} | "
                          f"{b['tokens_per_s']} | {r['plain_tokens_per_s']} | {b['speedup_vs_plain']}x | {adaptive} "

@@ -112,7 +112,7 @@ def drain(chunks: Iterator[Sequence[int]], limit: int, t0: float) -> tuple[int, 
 def ours_runner(model, cache, drafter=None, step_cost=None, lookup=False) -> Runner:
     from ultraspeed.engine.generate import GenerationStats, generate_plain
     from ultraspeed.engine.sampler import SamplingParams
-    from ultraspeed.engine.speculative import generate_speculative
+    from ultraspeed.engine.speculative import generate_speculative, served_min_accepted
 
     def run(prompt: list[int], new_tokens: int) -> Sample:
         params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
@@ -120,7 +120,7 @@ def ours_runner(model, cache, drafter=None, step_cost=None, lookup=False) -> Run
         t0 = time.perf_counter()
         chunks = (generate_plain(model, prompt, params, cache=cache, stats=stats) if drafter is None else
                   generate_speculative(model, drafter, prompt, params, cache=cache, stats=stats, step_cost=step_cost,
-                                       lookup=lookup))
+                                       lookup=lookup, min_accepted=served_min_accepted(step_cost is not None)))
         count, ttft = drain(chunks, new_tokens, t0)
         return Sample(count, time.perf_counter() - t0, ttft, tuple(stats.accepted_lengths))
 

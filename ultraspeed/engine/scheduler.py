@@ -4,7 +4,8 @@ Requests join the batch at token boundaries (their prompt is prefilled into a fr
 steps) and leave it the moment they finish or are cancelled (the last row is moved into the freed one, so the
 batch always occupies rows 0..b-1 and every step is one contiguous forward). Two lanes run side by side:
 
-    plain lane        one KV cache; a step is ONE target forward over all rows ([b, 1] tokens)
+    plain lane        one KV cache; a step is ONE target forward over all rows ([b, 1] tokens; rows that left the
+                      speculative lane also verify their lookup drafts in it)
     speculative lane  a target cache + a drafter cache; a step is one batched drafter forward ([b, B] block) and
                       one batched target verify ([b, B]); acceptance, rollback and the drafter's context update
                       are per row, so rows advance by different numbers of tokens
@@ -36,7 +37,7 @@ from ultraspeed.engine.generate import GenerationStats
 from ultraspeed.engine.kv_cache import KVCache
 from ultraspeed.engine.sampler import SamplingParams, make_generator, sample
 from ultraspeed.engine.lookup_draft import NgramIndex
-from ultraspeed.engine.speculative import features_of, gives_up, new_draft_cache, speculative_step
+from ultraspeed.engine.speculative import features_of, gives_up, lookup_step, new_draft_cache, speculative_step
 from ultraspeed.engine.verify_length import StepCost, measure_step_cost
 from ultraspeed.errors import UltraSpeedError
 from ultraspeed.models.decoder import Decoder
@@ -133,13 +134,17 @@ def _prefill_row(model: Decoder, cache: KVCache, row: int, prompt: list[int], ch
 
 
 class _PlainLane:
-    """Rows 0..b-1 of one cache; a decode step is one target forward over all of them."""
+    """Rows 0..b-1 of one cache; a decode step is one target forward over all of them. Rows that came from the
+    speculative lane with a lookup index still verify lookup drafts (up to `lookup_slots` tokens) in that
+    forward: they cost no drafter pass (engine/speculative.lookup_step)."""
 
-    def __init__(self, model: Decoder, rows: int, max_len: int, chunk: int) -> None:
+    def __init__(self, model: Decoder, rows: int, max_len: int, chunk: int, lookup_slots: int = 0,
+                 step_cost: StepCost | None = None) -> None:
         self.model, self.chunk = model, chunk
         self.cache = model.new_cache(rows, max_len) if rows else None
         self.rows = rows
         self.seqs: list[_Sequence] = []
+        self.lookup_slots, self.step_cost = lookup_slots, step_cost
 
     def admit(self, seq: _Sequence) -> torch.Tensor:
         """Prefill the prompt into the next free row; returns the last position's logits."""
@@ -160,12 +165,14 @@ class _PlainLane:
         self.seqs.append(seq)
 
     def step(self) -> list[list[int]]:
-        device = self.model.embed_tokens.weight.device
-        ids = torch.tensor([s.last for s in self.seqs], device=device).view(-1, 1)
-        hidden, _ = self.model(ids, self.cache)
-        logits = self.model.logits(hidden[:, -1])
         # Each row samples with its own parameters and generator (seeded requests stay reproducible in a batch).
-        return [[int(sample(logits[i], s.request.params, s.generator))] for i, s in enumerate(self.seqs)]
+        committed, _, looked_up = lookup_step(
+            self.model, self.cache, [s.last for s in self.seqs], [s.lookup for s in self.seqs],
+            [s.request.params for s in self.seqs], [s.generator for s in self.seqs], self.lookup_slots,
+            self.step_cost)
+        for s, looked in zip(self.seqs, looked_up):
+            s.stats.lookup_steps += looked
+        return committed
 
     def remove(self, row: int) -> None:
         last = len(self.seqs) - 1
@@ -264,13 +271,13 @@ class Engine:
         self.groups = {g.name: g for g in config.groups}
         self.context_limit = min(config.max_len, model.config.max_position)
         spec_rows = sum(g.max_running for g in config.groups if g.speculative) if drafter is not None else 0
+        step_cost = measure_step_cost(model, drafter) if spec_rows and config.adaptive_verify else None
         # Every group may land in the plain lane (speculative requests near the context end do), so it has a row
         # for every running slot: admission then only ever checks group capacity.
         self._plain = _PlainLane(model, sum(g.max_running for g in config.groups), self.context_limit,
-                                 config.prefill_chunk)
+                                 config.prefill_chunk, drafter.config.block_size - 1 if spec_rows else 0, step_cost)
         self._spec = (_SpeculativeLane(model, drafter, spec_rows, self.context_limit, config.prefill_chunk,
-                                       measure_step_cost(model, drafter) if config.adaptive_verify else None,
-                                       config.lookup)
+                                       step_cost, config.lookup)
                       if spec_rows else None)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -467,12 +474,12 @@ class Engine:
                 self._to_plain_lane(seq)
 
     def _to_plain_lane(self, seq: _Sequence) -> None:
-        """The drafter is not paying for its verify steps on this request: decode the rest plainly. The plain
-        lane has a row for every running slot, so there is always room."""
+        """The drafter is not paying for its verify steps on this request: decode the rest plainly (verifying
+        lookup drafts, which need no drafter). The plain lane has a row for every running slot, so there is
+        always room."""
         row = self._spec.seqs.index(seq)
         self._plain.adopt(seq, self._spec.cache, row)
-        self._spec.remove(row)
-        seq.lookup = None
+        self._spec.remove(row)         # seq.lookup stays: the plain lane verifies its lookup drafts
         self._running[seq.request.id] = (self._plain, seq)
         seq.stats.plain_after = len(seq.stats.accepted_lengths)
 

@@ -12,7 +12,8 @@ rejection rule of speculative sampling for a point-mass proposal.
 
 With `lookups` (one NgramIndex per row), a row whose last tokens recur in its context drafts what followed them
 instead (prompt lookup, engine/lookup_draft.py): the rule above holds for any proposal fixed before the target
-runs, so this stays lossless; when every row looks up, the drafter does not run that step.
+runs, so this stays lossless; when every row looks up, the drafter does not run that step. A sequence that gave
+up on the drafter keeps verifying lookup drafts (lookup_step).
 """
 
 from __future__ import annotations
@@ -70,26 +71,36 @@ def draft_block(drafter: DFlashDrafter, target: Decoder, draft_cache: KVCache,
     return drafter.to_token_ids(indices), confidence
 
 
+def lookup_drafts(lookups: list[NgramIndex | None], slots: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+    """Each row's lookup draft (up to `slots` tokens) and its estimated acceptance chances, padded to the longest
+    ([b, n] each; n = 0 when no row finds one), and which rows found one. Padding and rows without an index or a
+    match get chance 0: never worth verifying for themselves."""
+    found = [index.propose(slots) if index is not None else ([], 0) for index in lookups]
+    width = max(len(tokens) for tokens, _ in found)
+    drafts = [tokens + [0] * (width - len(tokens)) for tokens, _ in found]
+    chances = [lookup_confidence(n, len(tokens)) + [0.0] * (width - len(tokens)) for tokens, n in found]
+    b = len(found)
+    return (torch.tensor(drafts, dtype=torch.long, device=device).view(b, width),
+            torch.tensor(chances, device=device).view(b, width), [bool(tokens) for tokens, _ in found])
+
+
 def propose_drafts(drafter: DFlashDrafter, target: Decoder, draft_cache: KVCache, anchors: torch.Tensor,
                    lookups: list[NgramIndex] | None) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
     """Each row's drafts and their estimated acceptance chances ([b, n] each, n <= B-1), and which rows looked
     up: a lookup draft where the row's index finds one, else the drafter's block. The drafter runs only if some
-    row needs it; a lookup shorter than the others is padded with chance 0 (never worth verifying for itself)."""
+    row needs it."""
     b, slots = anchors.shape[0], drafter.config.block_size - 1
-    found = [index.propose(slots) for index in lookups] if lookups is not None else [([], 0)] * b
-    looked_up = [bool(tokens) for tokens, _ in found]
+    if lookups is None:
+        return (*draft_block(drafter, target, draft_cache, anchors), [False] * b)
+    drafts, confidence, looked_up = lookup_drafts(lookups, slots, anchors.device)
     if all(looked_up):
-        width = max(len(tokens) for tokens, _ in found)
-        drafts = torch.zeros(b, width, dtype=torch.long, device=anchors.device)
-        confidence = torch.zeros(b, width, device=anchors.device)
-    else:
-        drafts, confidence = draft_block(drafter, target, draft_cache, anchors)
-    for row, (tokens, n) in enumerate(found):
-        if tokens:
-            drafts[row, :len(tokens)] = torch.tensor(tokens, device=drafts.device)
-            confidence[row] = 0.0
-            confidence[row, :len(tokens)] = torch.tensor(lookup_confidence(n, len(tokens)), device=drafts.device)
-    return drafts, confidence, looked_up
+        return drafts, confidence, looked_up
+    block, block_confidence = draft_block(drafter, target, draft_cache, anchors)
+    pad = (0, slots - drafts.shape[1])
+    rows = torch.tensor(looked_up, device=anchors.device).view(b, 1)
+    return (torch.where(rows, torch.nn.functional.pad(drafts, pad), block),
+            torch.where(rows, torch.nn.functional.pad(confidence, pad), block_confidence), looked_up)
 
 
 def accept_greedy(drafts: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,6 +135,32 @@ def features_of(captured: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(captured, dim=-1)
 
 
+def verify_drafts(target: Decoder, cache: KVCache, anchor_ids: torch.Tensor, drafts: torch.Tensor,
+                  params: list[SamplingParams], generators: list[torch.Generator | None],
+                  capture_layers: tuple[int, ...] = ()) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """One target forward over [anchor, drafts] for rows 0..b-1, acceptance per row (greedy prefix or rejection
+    sampling with the row's own parameters), and each row's cache cropped to the anchor and its accepted drafts.
+    Returns the tokens each row commits (accepted drafts + the target's bonus token) and, if `capture_layers`,
+    the target features of the positions kept ([1, a+1, K*H] per row)."""
+    b = anchor_ids.shape[0]
+    starts = cache.lengths[:b].clone()
+    hidden, captured = target(torch.cat([anchor_ids.view(b, 1), drafts], dim=1), cache, capture_layers)
+    logits = target.logits(hidden)
+    features = features_of(captured) if capture_layers else None
+    committed, kept = [], []
+    for row in range(b):
+        if params[row].greedy:
+            accepted, bonus = accept_greedy(drafts[row:row + 1], logits[row:row + 1])
+        else:
+            accepted, bonus = accept_sampling(drafts[row:row + 1], logits[row:row + 1], params[row], generators[row])
+        a = int(accepted[0])
+        cache.crop(row, int(starts[row]) + a + 1)                    # keep the anchor and a accepted drafts
+        if features is not None:
+            kept.append(features[row:row + 1, :a + 1])
+        committed.append(drafts[row, :a].tolist() + [int(bonus[0])])
+    return committed, kept
+
+
 def speculative_step(target: Decoder, drafter: DFlashDrafter, cache: KVCache, draft_cache: KVCache,
                      anchors: list[int], pending: list[torch.Tensor], params: list[SamplingParams],
                      generators: list[torch.Generator | None], step_cost: StepCost | None = None,
@@ -141,28 +178,40 @@ def speculative_step(target: Decoder, drafter: DFlashDrafter, cache: KVCache, dr
     b = len(anchors)
     for row in range(b):
         append_context(drafter, draft_cache, row, pending[row])
-    device = target.embed_tokens.weight.device
-    anchor_ids = torch.tensor(anchors, device=device)
+    anchor_ids = torch.tensor(anchors, device=target.embed_tokens.weight.device)
     drafts, confidence, looked_up = propose_drafts(drafter, target, draft_cache, anchor_ids, lookups)
     if step_cost is not None:
         cost = dataclasses.replace(step_cost, draft=0.0) if all(looked_up) else step_cost
         drafts = drafts[:, :choose_verify_length(confidence, cost)]
-    starts = cache.lengths[:b].clone()
-    hidden, captured = target(torch.cat([anchor_ids.view(b, 1), drafts], dim=1), cache,
-                              drafter.config.target_layer_ids)
-    logits = target.logits(hidden)
-    features = features_of(captured)
-    committed, new_pending = [], []
-    for row in range(b):
-        if params[row].greedy:
-            accepted, bonus = accept_greedy(drafts[row:row + 1], logits[row:row + 1])
-        else:
-            accepted, bonus = accept_sampling(drafts[row:row + 1], logits[row:row + 1], params[row], generators[row])
-        a = int(accepted[0])
-        cache.crop(row, int(starts[row]) + a + 1)                    # keep the anchor and a accepted drafts
-        new_pending.append(features[row:row + 1, :a + 1])
-        committed.append(drafts[row, :a].tolist() + [int(bonus[0])])
+    committed, new_pending = verify_drafts(target, cache, anchor_ids, drafts, params, generators,
+                                           drafter.config.target_layer_ids)
     return committed, new_pending, drafts.shape[1], looked_up
+
+
+def lookup_step(target: Decoder, cache: KVCache, anchors: list[int], lookups: list[NgramIndex | None],
+                params: list[SamplingParams], generators: list[torch.Generator | None], slots: int,
+                step_cost: StepCost | None = None) -> tuple[list[list[int]], int, list[bool]]:
+    """A decode step without the drafter: rows whose index finds a lookup draft (up to `slots` tokens) verify it,
+    the others decode one token, all in one target forward (with a `step_cost`, only the prefix of drafts worth
+    its time). With no lookup draft at all, this is exactly a plain decode step. Returns the tokens each row
+    commits, the number of drafts verified and which rows looked up."""
+    anchor_ids = torch.tensor(anchors, device=target.embed_tokens.weight.device)
+    drafts, confidence, looked_up = lookup_drafts(lookups, slots, anchor_ids.device)
+    if step_cost is not None:
+        drafts = drafts[:, :choose_verify_length(confidence, dataclasses.replace(step_cost, draft=0.0))]
+    committed, _ = verify_drafts(target, cache, anchor_ids, drafts, params, generators)
+    return committed, drafts.shape[1], looked_up
+
+
+# Verifying whole blocks (no step costs measured), a reply on which the drafter commits fewer tokens per step
+# than this decodes on plainly: on a CPU a whole block costs about two plain steps.
+WHOLE_BLOCK_MIN_ACCEPTED = 2.0
+
+
+def served_min_accepted(adaptive: bool) -> float | None:
+    """The give-up threshold generate and serve use by default: the break-even of the measured step costs (None)
+    with adaptive verification, WHOLE_BLOCK_MIN_ACCEPTED with whole blocks."""
+    return None if adaptive else WHOLE_BLOCK_MIN_ACCEPTED
 
 
 def gives_up(stats: GenerationStats, min_accepted: float | None, probe_steps: int,
@@ -192,8 +241,8 @@ def generate_speculative(target: Decoder, drafter: DFlashDrafter, prompt_ids: li
     are some (prompt lookup), from the drafter elsewhere.
 
     If after `probe_steps` steps the drafter commits fewer than `min_accepted` tokens per step, verification
-    costs more than it saves: the rest is decoded plainly from the same state (still exact). 0 = never; None =
-    the break-even of `step_cost` (never without one).
+    costs more than it saves: the rest is decoded plainly from the same state (still exact), verifying only
+    lookup drafts, where `lookup` finds some. 0 = never; None = the break-even of `step_cost` (never without one).
     """
     B = drafter.config.block_size
     stats = stats if stats is not None else GenerationStats()
@@ -230,18 +279,18 @@ def generate_speculative(target: Decoder, drafter: DFlashDrafter, prompt_ids: li
                 return
         stats.decode_seconds = time.perf_counter() - t0
         yield new_tokens
-        if plain:
-            hidden, _ = target(torch.tensor([[new_tokens[-1]]], device=cache.keys[0].device), cache)
-            new_tokens = [int(sample(target.logits(hidden[:, -1])[0], params, generator))]
+        if plain:    # the drafter is off; lookup drafts, which cost no drafter forward, are still verified
+            committed, _, looked_up = lookup_step(target, cache, [new_tokens[-1]], [index], [params], [generator],
+                                                  B - 1, step_cost)
         else:
             committed, pending, verified, looked_up = speculative_step(
                 target, drafter, cache, draft_cache, [new_tokens[-1]], pending, [params], [generator], step_cost,
                 [index] if index is not None else None)
-            new_tokens = committed[0]
             stats.drafts_verified.append(verified)
-            stats.lookup_steps += looked_up[0]
-            if index is not None:
-                index.extend(new_tokens)
+        new_tokens = committed[0]
+        stats.lookup_steps += looked_up[0]
+        if index is not None:
+            index.extend(new_tokens)
         stats.target_forwards += 1
         stats.accepted_lengths.append(len(new_tokens))
         if not plain and gives_up(stats, min_accepted, probe_steps, step_cost):

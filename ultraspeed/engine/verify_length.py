@@ -60,7 +60,7 @@ def expected_tokens(confidence: torch.Tensor) -> torch.Tensor:
     """confidence [b, n] (drafter's top probability per slot) -> expected tokens committed [b, n+1] when
     verifying 0..n drafts."""
     runs = torch.cumprod(confidence, dim=1).cumsum(dim=1)
-    return 1.0 + torch.cat([torch.zeros_like(runs[:, :1]), runs], dim=1)
+    return 1.0 + torch.cat([runs.new_zeros(runs.shape[0], 1), runs], dim=1)
 
 
 def choose_verify_length(confidence: torch.Tensor, cost: StepCost) -> int:
