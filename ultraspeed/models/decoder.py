@@ -36,6 +36,7 @@ class StepContext:
     # Static shapes (ultraspeed/runtime/static_step.py): starts/positions live on the device, span is the cache
     # length and KV writes always scatter, so nothing is read back to the host (CUDA-graph capturable).
     static: bool = False
+    first_start: int = 0                # starts[0] as an int (read once per forward, not once per layer)
 
     @property
     def single_row(self) -> bool:
@@ -82,21 +83,24 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, step: StepContext, cache: KVCache, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.k_size, self.v_size], dim=-1)
-        q = q.view(B, T, self.num_heads, self.head_dim)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim)
-        v = v.view(B, T, self.num_kv_heads, self.v_head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        qk, v = self.qkv_proj(x).split([self.q_size + self.k_size, self.v_size], dim=-1)
+        qk = qk.view(B, T, self.num_heads + self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.v_head_dim).transpose(1, 2)
         cos, sin = step.rope[self.layer_type]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.q_norm is not None:
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=2)
+            q, k = self.q_norm(q), self.k_norm(k)
+            qk = torch.cat([q, k], dim=2)
+        # Queries and keys rotate as one tensor: a decode step pays each small op of rope once per layer, not twice.
+        q, k = apply_rope(qk.transpose(1, 2), cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
         if self.value_scale != 1.0:
             v = v * self.value_scale
         keys, values = write_kv(cache, layer, k, v, step)
         first = step.key_start[self.layer_type]
         mask = step.masks[self.layer_type]
-        out = attend(q, keys[:, :, first:], values[:, :, first:], mask, self.scale, self.sinks)
+        if first:
+            keys, values = keys[:, :, first:], values[:, :, first:]
+        out = attend(q, keys, values, mask, self.scale, self.sinks)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -107,7 +111,7 @@ def write_kv(cache: KVCache, layer: int, k: torch.Tensor, v: torch.Tensor,
     key_cache, value_cache = cache.keys[layer][rows], cache.values[layer][rows]
     B, T = step.batch, k.shape[2]
     if step.single_row:
-        s = int(step.starts[0])
+        s = step.first_start
         key_cache[0, :, s:s + T] = k[0]
         value_cache[0, :, s:s + T] = v[0]
     else:
@@ -190,7 +194,8 @@ class Decoder(nn.Module):
             else:
                 masks[layer_type] = causal_mask(starts, num_new, span, window).to(device)
                 key_start[layer_type] = 0
-        return StepContext(first_row, batch, starts, positions.to(device), span, rope, masks, key_start)
+        return StepContext(first_row, batch, starts, positions.to(device), span, rope, masks, key_start,
+                           first_start=int(starts[0]))
 
     # -- forward ----------------------------------------------------------------------------------------------
 

@@ -26,7 +26,10 @@ class Int8Linear(nn.Module):
         self.weight = linear.weight if keep_weight else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = cpu_gemm.int8_linear(x.float(), self.packed).to(x.dtype)
+        if x.dtype == torch.float32:     # the usual case: no conversions to dispatch
+            y = cpu_gemm.int8_linear(x, self.packed)
+        else:
+            y = cpu_gemm.int8_linear(x.float(), self.packed).to(x.dtype)
         return y + self.bias if self.bias is not None else y
 
 
