@@ -77,6 +77,17 @@ def save_checkpoint(model, directory: Path) -> Path:
     return directory
 
 
+def char_tokenizer(directory: Path) -> None:
+    """One token per printable ASCII character (ids 0..94), written as tokenizer.json: a checkpoint directory
+    with it runs through the CLI."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    vocab = {chr(c): i for i, c in enumerate(range(32, 127))}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=" "))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    tokenizer.save(str(directory / "tokenizer.json"))
+
+
 def ours_from_hf(model, directory: Path, dtype=torch.float32):
     save_checkpoint(model, directory)
     config = config_from_hf(json.loads((directory / "config.json").read_text()))

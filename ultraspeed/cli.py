@@ -108,6 +108,24 @@ def add_parallel_flags(p: argparse.ArgumentParser) -> None:
                    "(launch with torchrun; same size as --tp when both are given)")
 
 
+def pick_device(requested: str):
+    """--device: auto = the GPU where one is visible, else the CPU."""
+    import torch
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UltraSpeedError("--device cuda: no CUDA device is visible")
+    return torch.device(requested)
+
+
+def pick_runtime(requested: str, device, greedy: bool, sharded: bool) -> str:
+    """--runtime: auto = the static, graph-captured step for greedy decoding on a GPU, the dynamic engine
+    elsewhere (it samples, drafts by lookup and verifies adaptively; a CPU gains nothing from capture)."""
+    if requested == "auto":
+        return "static" if device.type == "cuda" and greedy and not sharded else "dynamic"
+    return requested
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from ultraspeed.loader import load_model
@@ -115,7 +133,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads) if args.threads else None
     ParallelPlan(args.tp, args.ep)             # refuse impossible flags before the (long) load
-    loaded = load_model(args.model)
+    sharded = args.tp > 1 or args.ep > 1
+    if args.runtime == "static" and (args.temperature > 0 or sharded):
+        raise UltraSpeedError("--runtime static decodes greedily on one device: drop --temperature, --tp and --ep")
+    # Sharded ranks each take their own device (launched by torchrun); one process takes --device.
+    device = torch.device("cpu") if sharded else pick_device(args.device)
+    # On a GPU the default model decodes in bf16 (half the bytes per step; the CPU keeps fp32 and int8 matmuls).
+    loaded = load_model(args.model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    loaded.model.to(device)
     # Under torchrun every rank runs the same loop in lockstep; rank 0 alone writes the stream and the stats.
     env = shard_for_this_rank(loaded.model, args.tp, args.ep)
     try:
@@ -144,15 +169,21 @@ def _generate(args: argparse.Namespace, loaded: LoadedModel, env: DistEnv | None
     stats = GenerationStats()
     stream = TextStream(tok, params.stop)
     drafter_path = None if args.no_spec else drafter_for(args.model, args.drafter)
+    device = loaded.model.embed_tokens.weight.device
+    runtime = pick_runtime(args.runtime, device, params.greedy, env is not None)
+    drafter = None
     if drafter_path is not None:
+        from ultraspeed.models.dflash import load_drafter
+        drafter = load_drafter(drafter_path, loaded.model.dtype)
+        match_drafter_weights(drafter, weights, loaded.model)
+        drafter.to(device)             # sharded: replicated, every rank drafts the same block
+        drafter = served_block(drafter, args.block_size, loaded.model)
+    if runtime == "static":
+        from ultraspeed.runtime.loop import generate_static
+        tokens = generate_static(loaded.model, prompt_ids, params, tok.stop_token_ids, drafter, stats)
+    elif drafter is not None:
         from ultraspeed.engine.speculative import generate_speculative
         from ultraspeed.engine.verify_length import measure_step_cost
-        from ultraspeed.models.dflash import load_drafter
-        drafter = load_drafter(drafter_path)
-        match_drafter_weights(drafter, weights, loaded.model)
-        if env is not None:
-            drafter.to(env.device)     # replicated: every rank drafts the same block
-        drafter = served_block(drafter, args.block_size, loaded.model)
         # Sharded ranks time differently and would choose different verify lengths: they verify whole blocks.
         step_cost = measure_step_cost(loaded.model, drafter) if args.verify == "adaptive" and env is None else None
         tokens = generate_speculative(loaded.model, drafter, prompt_ids, params, tok.stop_token_ids, stats=stats,
@@ -173,7 +204,7 @@ def _generate(args: argparse.Namespace, loaded: LoadedModel, env: DistEnv | None
     out.write(stream.flush() + "\n")
     out.flush()
     record = {**stats.as_dict(), "model": loaded.source, "weights": weights, "speculative": drafter_path is not None,
-              "drafter": str(drafter_path) if drafter_path else None}
+              "drafter": str(drafter_path) if drafter_path else None, "device": str(device), "runtime": runtime}
     if env is not None:
         record.update(tp=args.tp, ep=args.ep, world_size=env.world_size)
     print(json.dumps(record), file=sys.stderr)
@@ -484,6 +515,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto (default): the GPU where one is visible (bf16 weights), else the CPU (fp32/int8)")
+    g.add_argument("--runtime", choices=["auto", "dynamic", "static"], default="auto",
+                   help="static: one preallocated decode step, captured as a CUDA graph on a GPU and replayed every "
+                        "step (greedy; whole blocks; no lookup drafts); dynamic: the engine that samples, drafts by "
+                        "lookup and verifies adaptively; auto (default): static for greedy decoding on a GPU")
     add_parallel_flags(g)
     add_sampling_flags(g)
     g.set_defaults(func=cmd_generate)

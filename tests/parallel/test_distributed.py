@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.helpers import hf_model, ours_from_hf, save_checkpoint
+from tests.helpers import char_tokenizer, hf_model, ours_from_hf, save_checkpoint
 from tests.parallel import worker
 from ultraspeed.models.dflash import save_drafter
 
@@ -39,16 +39,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def char_tokenizer(directory) -> None:
-    """One token per printable ASCII character (ids 0..94), written as tokenizer.json."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    vocab = {chr(c): i for i, c in enumerate(range(32, 127))}
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=" "))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tokenizer.decoder = decoders.Fuse()
-    tokenizer.save(str(directory / "tokenizer.json"))
 
 
 def mxfp4_experts(model):

@@ -79,7 +79,7 @@ def run_cli(args: list[str], model=None) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.ExitStack() as stack:
         if model is not None:
-            def load_model(path):
+            def load_model(path, dtype=None):
                 tokenizer = loader.tokenizer_from_hf_dir(Path(path), model.config.eos_token_ids)
                 return loader.LoadedModel(model.config, copy.deepcopy(model), tokenizer, str(path))
             stack.enter_context(mock.patch.object(loader, "load_model", load_model))

@@ -71,6 +71,20 @@ def check_prompt_fits(prompt_len: int, cache: KVCache, model: Decoder) -> int:
     return limit - prompt_len
 
 
+def take_committed(tokens: list[int], stats: GenerationStats, stop: set[int], max_new: int,
+                   t0: float) -> tuple[list[int], bool]:
+    """Count a step's committed tokens into `stats`, cut at a stop token or the token limit: (the tokens to hand
+    out, whether generation ends with them, its finish_reason then set)."""
+    for i, token in enumerate(tokens):
+        stats.new_tokens += 1
+        if token in stop or stats.new_tokens >= max_new:
+            stats.finish_reason = "stop" if token in stop else "length"
+            stats.decode_seconds = time.perf_counter() - t0
+            return tokens[:i + 1], True
+    stats.decode_seconds = time.perf_counter() - t0
+    return tokens, False
+
+
 def prefill(model: Decoder, cache: KVCache, prompt_ids: list[int], chunk: int = 512,
             capture_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Run the prompt into cache row 0 (in chunks, bounding activation memory). Returns the last position's
@@ -104,15 +118,9 @@ def generate_plain(model: Decoder, prompt_ids: list[int], params: SamplingParams
     stats.prefill_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     while True:
-        token_id = int(token)
-        stats.new_tokens += 1
-        stats.decode_seconds = time.perf_counter() - t0
-        yield [token_id]
-        if token_id in stop:
-            stats.finish_reason = "stop"
-            return
-        if stats.new_tokens >= max_new:
-            stats.finish_reason = "length"
+        tokens, done = take_committed([int(token)], stats, stop, max_new, t0)
+        yield tokens
+        if done:
             return
         hidden, _ = model(token, cache)
         token = sample(model.logits(hidden[:, -1]), params, generator).view(1, 1)

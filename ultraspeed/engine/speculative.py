@@ -24,7 +24,7 @@ from typing import Iterator
 
 import torch
 
-from ultraspeed.engine.generate import GenerationStats, check_prompt_fits, prefill
+from ultraspeed.engine.generate import GenerationStats, check_prompt_fits, prefill, take_committed
 from ultraspeed.engine.kv_cache import KVCache
 from ultraspeed.engine.lookup_draft import NgramIndex, lookup_confidence
 from ultraspeed.engine.sampler import SamplingParams, make_generator, sample, token_distribution
@@ -269,16 +269,10 @@ def generate_speculative(target: Decoder, drafter: DFlashDrafter, prompt_ids: li
     t0 = time.perf_counter()
     plain = False
     while True:
-        # Emit what is committed, stopping at EOS or the token limit.
-        for i, tok in enumerate(new_tokens):
-            stats.new_tokens += 1
-            if tok in stop or stats.new_tokens >= max_new:
-                stats.finish_reason = "stop" if tok in stop else "length"
-                stats.decode_seconds = time.perf_counter() - t0
-                yield new_tokens[:i + 1]
-                return
-        stats.decode_seconds = time.perf_counter() - t0
-        yield new_tokens
+        out, done = take_committed(new_tokens, stats, stop, max_new, t0)
+        yield out
+        if done:
+            return
         if plain:    # the drafter is off; lookup drafts, which cost no drafter forward, are still verified
             committed, _, looked_up = lookup_step(target, cache, [new_tokens[-1]], [index], [params], [generator],
                                                   B - 1, step_cost)

@@ -1,15 +1,22 @@
 """Greedy generation loops over the static steps: prefill each row with the dynamic path (prompt lengths vary),
 then replay one captured step per decode step, reading back only the step's small result.
 
-Used by the tests (static == dynamic, token for token) and by scripts/gpu_bench.py.
+`generate_static` streams one sequence for `ultraspeed generate --runtime static` (the default for greedy decoding
+on a GPU); the batch loops serve the tests (static == dynamic, token for token) and scripts/gpu_bench.py.
 """
 
 from __future__ import annotations
 
+import time
+from typing import Iterator
+
 import torch
 
+from ultraspeed.engine.generate import GenerationStats, check_prompt_fits, take_committed
 from ultraspeed.engine.kv_cache import KVCache
+from ultraspeed.engine.sampler import SamplingParams
 from ultraspeed.engine.speculative import append_context, features_of, new_draft_cache
+from ultraspeed.errors import UltraSpeedError
 from ultraspeed.models.decoder import Decoder
 from ultraspeed.models.dflash import DFlashDrafter
 from ultraspeed.runtime.backend import TorchBackend
@@ -87,3 +94,48 @@ def speculative_greedy(target: Decoder, drafter: DFlashDrafter, prompts: list[li
     if stats is not None:
         stats.update(steps=steps, accepted=accepted)
     return [tokens[:max_new] for tokens in out]
+
+
+@torch.no_grad()
+def generate_static(target: Decoder, prompt_ids: list[int], params: SamplingParams, stop_ids: tuple[int, ...] = (),
+                    drafter: DFlashDrafter | None = None, stats: GenerationStats | None = None,
+                    graphs: bool | None = None, backend: TorchBackend | None = None) -> Iterator[list[int]]:
+    """Greedy decoding of one sequence through the static step, captured as a CUDA graph on a GPU (graphs None:
+    there; eagerly elsewhere): plain decoding, or DFlash with `drafter`. Same contract as generate_plain and
+    generate_speculative, whose greedy output it reproduces token for token. Each step reads back only its small
+    result; capture happens once, after the prefill."""
+    if not params.greedy:
+        raise UltraSpeedError("the static runtime decodes greedily; use the dynamic runtime to sample")
+    B = drafter.config.block_size if drafter is not None else 1
+    stats = stats if stats is not None else GenerationStats()
+    cache = target.new_cache(1, len(prompt_ids) + params.max_tokens + B)
+    room = check_prompt_fits(len(prompt_ids), cache, target)
+    if room < B:         # too little room left for a verify block: plain steps still fit
+        drafter, B = None, 1
+    max_new = min(params.max_tokens, room - B + 1)      # the last step writes up to B positions past its anchor
+    stop = set() if params.ignore_eos else set(stop_ids)
+    stats.prompt_tokens = len(prompt_ids)
+
+    t0 = time.perf_counter()
+    capture = drafter.config.target_layer_ids if drafter is not None else ()
+    logits, features = prefill_rows(target, cache, [prompt_ids], capture)
+    tokens = [int(logits[0].argmax())]
+    if drafter is not None:
+        draft_cache = new_draft_cache(drafter, 1, cache.max_len)
+        append_context(drafter, draft_cache, 0, features_of(features[0]))
+        step = SpeculativeStep(target, drafter, cache, draft_cache, 1, backend)
+    else:
+        step = DecodeStep(target, cache, 1, backend)
+    load_rows(step, tokens, [len(prompt_ids)])
+    run = CapturedStep(step, graphs)
+    stats.prefill_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    while True:
+        out, done = take_committed(tokens, stats, stop, max_new, t0)
+        yield out
+        if done:
+            return
+        result, _ = run()
+        tokens = committed_tokens(result)[0] if drafter is not None else [int(result[0])]
+        stats.target_forwards += 1
+        stats.accepted_lengths.append(len(tokens))
