@@ -8,6 +8,8 @@
 - achieved bandwidth: the fewest bytes a step must read (weights once, only the experts the routing picked, the
   valid KV entries) over the step time, as a fraction of the device-to-device copy bandwidth measured here first;
 - a correctness check: static step (triton backend, eager and graph) against the dynamic path's logits;
+- end to end on the default model: decode tokens/s of what `ultraspeed generate` streams on a GPU (the static
+  step captured as a CUDA graph, plain and DFlash), the issue's "above 1,000 tok/s" read directly;
 - step time by block size (graph-captured): block 1 is a plain decode step, block T one DFlash step drafting
   T-1 tokens and verifying T; with it, the tokens/s each block would reach at the mean accepted lengths our
   drafter measured (`ultraspeed bench acceptance --json`, docs/bench/acceptance.json by default) and at
@@ -758,6 +760,37 @@ def checks_for(case: Case, backend_name: str) -> list[dict]:
     ]
 
 
+def end_to_end(case: Case, prompt_len: int = 64, new_tokens: int = 256, repeats: int = 3,
+               graphs: bool | None = None) -> list[dict]:
+    """What `ultraspeed generate` streams on a GPU (runtime/loop.generate_static: the static step, captured once
+    per call, then replayed): decode tokens/s (first token excluded, capture included in the prefill), median
+    of `repeats`, plain and with the case's drafter (whole blocks), and whether both stream the same tokens
+    (they should up to bf16 ties; the tests check it exactly in fp32 on the CPU)."""
+    from ultraspeed.engine.generate import GenerationStats
+    from ultraspeed.engine.sampler import SamplingParams
+    from ultraspeed.runtime.loop import generate_static
+    vocab = case.model.config.vocab_size
+    prompt = [(17 * i + 5) % vocab for i in range(prompt_len)]
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    results, outputs = [], {}
+    for mode, drafter in (("plain", None), ("DFlash", case.drafter)):
+        rates, accepted = [], []
+        for _ in range(repeats):
+            stats = GenerationStats()
+            outputs[mode] = sum(generate_static(case.model, prompt, params, drafter=drafter, stats=stats,
+                                                graphs=graphs), [])
+            rates.append((stats.new_tokens - 1) / stats.decode_seconds)
+            accepted.append(stats.mean_accepted)
+        rate = statistics.median(rates)
+        results.append({"name": f"{case.name}: ultraspeed generate (static runtime), {mode}, {new_tokens} tokens",
+                         "result": f"{rate:,.0f} tok/s decode (median of {repeats}), {statistics.median(accepted):.2f}"
+                                   f" tokens per step", "value": rate})
+    same = next((i for i, (a, b) in enumerate(zip(outputs["plain"], outputs["DFlash"])) if a != b), None)
+    results.append({"name": f"{case.name}: ultraspeed generate, DFlash output vs plain",
+                    "result": "identical" if same is None else f"first difference at token {same} (bf16 ties?)"})
+    return results
+
+
 # ------------------------------------------------------------------------------------------------- main
 
 
@@ -844,6 +877,13 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             checks.append({"name": f"{case.name}: checks", "result": f"FAILED: {type(error).__name__}: {error}"})
         print("\n".join(f"  {c['name']}: {c['result']}" for c in checks[-3:]), flush=True)
+        if not case.model.config.is_moe:   # the model `ultraspeed generate` serves by default
+            try:
+                checks += end_to_end(case)
+                print("\n".join(f"  {c['name']}: {c['result']}" for c in checks[-3:]), flush=True)
+            except Exception as error:
+                traceback.print_exc()
+                checks.append({"name": f"{case.name}: ultraspeed generate", "result": f"FAILED: {error}"})
         try:                            # rows measured before a failure stay in `rows`
             run_case(case, args.batch, args.context, args.steps, args.profile_steps, args.backend, copy_bps,
                      dynamic_baseline=not case.model.config.is_moe, rows=rows, notes=notes)

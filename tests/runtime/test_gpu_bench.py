@@ -229,3 +229,13 @@ def test_load_acceptance_reads_a_bench_acceptance_report(gb, tmp_path):
     with pytest.raises(ValueError, match="not an `ultraspeed bench acceptance` report"):
         gb.load_acceptance(path)
     assert set(gb.load_acceptance(gb.DEFAULT_ACCEPTANCE)) == {"code", "math", "chat", "agent"}
+
+
+def test_end_to_end_generation_runs_on_cpu(gb):
+    model = gb.random_decoder(gb.smollm2_135m_config(max_position=128, num_layers=2), "cpu", torch.float32)
+    drafter = gb.random_drafter(model, "cpu", torch.float32, block_size=4, num_layers=1)
+    checks = gb.end_to_end(gb.Case("tiny", model, drafter), prompt_len=8, new_tokens=6, repeats=1, graphs=False)
+    assert [c["name"] for c in checks] == ["tiny: ultraspeed generate (static runtime), plain, 6 tokens",
+                                           "tiny: ultraspeed generate (static runtime), DFlash, 6 tokens",
+                                           "tiny: ultraspeed generate, DFlash output vs plain"]
+    assert checks[0]["value"] > 0 and checks[2]["result"] == "identical"      # lossless in fp32
