@@ -1,5 +1,5 @@
 """Command-line flags whose parsing carries a rule: --min-accepted auto and its fallback without step costs,
---corpus-share and the text it needs, --block-size auto, --lr-scale."""
+--corpus-share and the text it needs, --block-size auto, --lr-scale, --device."""
 
 import argparse
 
@@ -68,3 +68,15 @@ def test_lr_scale_multiplies_both_learning_rates(capsys):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["train-drafter", "--lr-scale", bad])
         assert "expected a positive number" in capsys.readouterr().err
+
+
+def test_device_flag_on_both_commands_and_a_clear_error_without_a_gpu(capsys):
+    import torch
+    for command in ("generate", "serve"):
+        args = build_parser().parse_args([command, *(["hi"] if command == "generate" else []), "--device", "cpu"])
+        assert args.device == "cpu"
+        if torch.cuda.is_available():
+            continue
+        argv = [command, *(["hi"] if command == "generate" else []), "--model", "/no/such/model", "--device", "cuda"]
+        assert main(argv) == 2
+        assert "--device cuda: no CUDA device is visible" in capsys.readouterr().err   # before loading anything

@@ -118,6 +118,23 @@ def pick_device(requested: str):
     return torch.device(requested)
 
 
+def load_on_device(model: str, device: str, sharded: bool) -> LoadedModel:
+    """Load `model` for `--device` (sharded ranks: on the CPU, each rank then moves its part to its own device):
+    bf16 on a GPU (half the bytes per step), fp32 on the CPU (where int8 matmuls are swapped in afterwards)."""
+    import torch
+    from ultraspeed.loader import load_model
+    target = torch.device("cpu") if sharded else pick_device(device)
+    loaded = load_model(model, dtype=torch.bfloat16 if target.type == "cuda" else torch.float32)
+    loaded.model.to(target)
+    return loaded
+
+
+def add_device_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto (default): the GPU where one is visible (bf16 weights), else the CPU (fp32/int8); "
+                        "with --tp/--ep each rank takes its own")
+
+
 def pick_runtime(requested: str, device, greedy: bool, sharded: bool) -> str:
     """--runtime: auto = the static, graph-captured step for greedy decoding on a GPU, the dynamic engine
     elsewhere (it samples, drafts by lookup and verifies adaptively; a CPU gains nothing from capture)."""
@@ -128,7 +145,6 @@ def pick_runtime(requested: str, device, greedy: bool, sharded: bool) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
-    from ultraspeed.loader import load_model
     from ultraspeed.parallel import ParallelPlan, shard_for_this_rank, shutdown
 
     torch.set_num_threads(args.threads) if args.threads else None
@@ -136,11 +152,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sharded = args.tp > 1 or args.ep > 1
     if args.runtime == "static" and (args.temperature > 0 or sharded):
         raise UltraSpeedError("--runtime static decodes greedily on one device: drop --temperature, --tp and --ep")
-    # Sharded ranks each take their own device (launched by torchrun); one process takes --device.
-    device = torch.device("cpu") if sharded else pick_device(args.device)
-    # On a GPU the default model decodes in bf16 (half the bytes per step; the CPU keeps fp32 and int8 matmuls).
-    loaded = load_model(args.model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-    loaded.model.to(device)
+    loaded = load_on_device(args.model, args.device, sharded)
     # Under torchrun every rank runs the same loop in lockstep; rank 0 alone writes the stream and the stats.
     env = shard_for_this_rank(loaded.model, args.tp, args.ep)
     try:
@@ -417,7 +429,8 @@ def ultraspeed_tier_model(loaded, checkpoint: str | None):
     from ultraspeed.quant.apply import MXFP4Experts, MXFP4Linear, expert_targets, quantize_experts
     if checkpoint is None:
         return quantize_experts(copy.deepcopy(loaded.model), "mse")
-    fast = load_model(checkpoint).model
+    weight = loaded.model.embed_tokens.weight
+    fast = load_model(checkpoint, dtype=weight.dtype).model.to(weight.device)
     a, b = fast.config, loaded.model.config
     if (a.vocab_size, a.hidden_size, a.num_layers) != (b.vocab_size, b.hidden_size, b.num_layers):
         raise UltraSpeedError(f"--ultraspeed-model {checkpoint} is not a quantization of the served model (vocab, "
@@ -432,7 +445,6 @@ def ultraspeed_tier_model(loaded, checkpoint: str | None):
 def cmd_serve(args: argparse.Namespace) -> int:
     import torch
     from ultraspeed.drafters import drafter_for
-    from ultraspeed.loader import load_model
     from ultraspeed.models.dflash import load_drafter
     from ultraspeed.quant.int8 import apply_weight_format, match_drafter_weights
     from ultraspeed.server.app import ServerConfig, model_name_from_source, serve
@@ -446,7 +458,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           session_seconds=args.session_minutes * 60,
                           request_seconds=args.request_minutes * 60, idle_seconds=args.idle_minutes * 60)
     ParallelPlan(args.tp, args.ep)             # refuse impossible flags before the (long) load
-    loaded = load_model(args.model)
+    loaded = load_on_device(args.model, args.device, args.tp > 1 or args.ep > 1)
     env = shard_for_this_rank(loaded.model, args.tp, args.ep)
     if env is not None and not env.is_main:
         follow(loaded.model, env)              # replay rank 0's model calls until its server stops
@@ -454,7 +466,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     stop_followers = lead(loaded.model, env) if env is not None else None
     drafter_path = None if args.no_spec else drafter_for(args.model, args.drafter)
-    drafter = load_drafter(drafter_path) if drafter_path else None
+    drafter = load_drafter(drafter_path, loaded.model.dtype) if drafter_path else None
     fast = None
     if env is None and args.ultraspeed_experts == "mxfp4":
         fast = ultraspeed_tier_model(loaded, args.ultraspeed_model)   # before the int8 swap changes the modules
@@ -467,9 +479,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if drafter is not None:
             match_drafter_weights(drafter, weights, loaded.model)
     if drafter is not None:
+        drafter.to(loaded.model.embed_tokens.weight.device)   # sharded: rank 0 only; followers need no drafts
         drafter = served_block(drafter, args.block_size, loaded.model)
-        if env is not None:
-            drafter.to(env.device)             # the drafter runs on rank 0 only: followers need no drafts
     config = ServerConfig(
         model_name=args.served_model_name or model_name_from_source(loaded.source),
         standard_max_running=args.max_concurrent, ultraspeed_max_running=args.ultraspeed_max_concurrent,
@@ -515,8 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="auto (default): the GPU where one is visible (bf16 weights), else the CPU (fp32/int8)")
+    add_device_flag(g)
     g.add_argument("--runtime", choices=["auto", "dynamic", "static"], default="auto",
                    help="static: one preallocated decode step, captured as a CUDA graph on a GPU and replayed every "
                         "step (greedy; whole blocks; no lookup drafts); dynamic: the engine that samples, drafts by "
@@ -609,6 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--drain-seconds", type=float, default=60.0, help="on SIGTERM/SIGINT: time in-flight requests "
                    "get to finish")
     s.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    add_device_flag(s)
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_parallel_flags(s)
     s.set_defaults(func=cmd_serve)
