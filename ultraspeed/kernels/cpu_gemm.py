@@ -256,3 +256,23 @@ def mxfp4_linear(
 
 def mxfp4_linear_ref(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return F.linear(x, dequantize_mxfp4(blocks, scales))
+
+
+# --------------------------------------------------------------------------------------------
+# One dense decoder layer (kernels/cpu_layer.py builds the arguments once per layer)
+
+
+def dense_layer(x: torch.Tensor, starts: torch.Tensor, batch: int, tokens: int, hidden: int, heads: int,
+                kv_heads: int, head_dim: int, intermediate: int, cache_len: int, window: int, pointers: list[int],
+                keys_ptr: int, values_ptr: int, eps: float, scale: float) -> None:
+    """In place on x [batch, tokens, hidden] (contiguous fp32): one decoder layer, the new keys/values written
+    into the cache rows at `starts` [batch] (int64). `pointers`: the norm weights, QK-norm weights (0, 0 for
+    none), the rope cos/sin tables and the four int8 matrices (qweight, scales each), all owned by the caller."""
+    if x.dtype != torch.float32 or not x.is_contiguous() or tuple(x.shape) != (batch, tokens, hidden):
+        raise ValueError(f"x must be a contiguous float32 [{batch}, {tokens}, {hidden}] tensor")
+    if starts.dtype != torch.int64 or not starts.is_contiguous() or starts.numel() != batch:
+        raise ValueError(f"starts must be {batch} contiguous int64 values")
+    if int(starts.max()) + tokens > cache_len:
+        raise ValueError(f"positions up to {int(starts.max()) + tokens} exceed the cache of {cache_len}")
+    _kernels().dense_layer(x.data_ptr(), starts.data_ptr(), batch, tokens, hidden, heads, kv_heads, head_dim,
+                           intermediate, cache_len, window, *pointers, keys_ptr, values_ptr, eps, scale)

@@ -58,6 +58,8 @@ def apply_weight_format(model: nn.Module, weights: str) -> str:
     if weights == "fp32" or (weights == "auto" and not on_cpu):
         return "checkpoint"
     if use_int8_weights(model):
+        from ultraspeed.kernels.cpu_layer import fuse_dense_layers   # imports the model code, which imports us
+        fuse_dense_layers(model)        # the glue between a layer's int8 matmuls in one call too
         return "int8"
     if weights == "int8":
         raise ValueError("--weights int8 needs the compiled CPU kernel (a C++ compiler) and a CPU model")

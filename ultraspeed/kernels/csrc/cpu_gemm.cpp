@@ -346,6 +346,105 @@ void run(const W& w, const float* x, float* y, int64_t M, int64_t N) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// One dense decoder layer (Llama / Mistral / Qwen2 / Qwen3 shape: RMSNorm, GQA attention with rotate-half rope
+// and optional QK-norm, SwiGLU MLP, int8 weights, fp32 activations and KV cache) for B rows x T new tokens, in
+// one call: a decode step of a small model otherwise spends more time dispatching the ~140 small PyTorch ops
+// between its four matmuls than in the matmuls. Same formulas, in the same order, as models/decoder.py.
+
+struct DenseLayer {
+  int64_t H, n_heads, n_kv, D, inter, S, window;  // window 0: none
+  float eps, scale;
+  const float *norm1, *norm2, *q_norm, *k_norm;   // q_norm / k_norm null: no QK-norm
+  const float *cos, *sin;                         // [max_position, D]
+  Int8Weights qkv, o, gate_up, down;
+  float *keys, *values;                           // [B, n_kv, S, D], row 0 = the step's first row
+};
+
+void rms_norm_rows(const float* x, const float* w, float* y, int64_t rows, int64_t n, float eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * n;
+    float ss = 0.f;
+    for (int64_t i = 0; i < n; ++i) ss += xr[i] * xr[i];
+    const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+    for (int64_t i = 0; i < n; ++i) y[r * n + i] = xr[i] * inv * w[i];
+  }
+}
+
+// In place on one head vector v[D] at `pos`: optional RMSNorm, then v*cos + rotate_half(v)*sin.
+void norm_and_rope(float* v, const DenseLayer& L, const float* norm, int64_t pos) {
+  const int64_t D = L.D, half = D / 2;
+  if (norm != nullptr) rms_norm_rows(v, norm, v, 1, D, L.eps);
+  const float* c = L.cos + pos * D;
+  const float* s = L.sin + pos * D;
+  float tmp[512];
+  for (int64_t i = 0; i < D; ++i) tmp[i] = v[i];
+  for (int64_t i = 0; i < half; ++i) v[i] = tmp[i] * c[i] - tmp[i + half] * s[i];
+  for (int64_t i = half; i < D; ++i) v[i] = tmp[i] * c[i] + tmp[i - half] * s[i];
+}
+
+void dense_layer(const DenseLayer& L, float* x, const int64_t* starts, int64_t B, int64_t T) {
+  const int64_t M = B * T, H = L.H, D = L.D, q_size = L.n_heads * D, kv_size = L.n_kv * D;
+  const int64_t qkv_n = q_size + 2 * kv_size, group = L.n_heads / L.n_kv;
+  std::unique_ptr<float[]> h(new float[M * std::max(H, L.inter)]), qkv(new float[M * qkv_n]),
+      attn(new float[M * q_size]), out(new float[M * std::max(H, 2 * L.inter)]);
+  rms_norm_rows(x, L.norm1, h.get(), M, H, L.eps);
+  run(L.qkv, h.get(), qkv.get(), M, qkv_n);
+  // Rope, then the new keys/values into the cache at each row's positions (the block sees itself causally).
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t pos = starts[b] + t;
+      float* row = qkv.get() + (b * T + t) * qkv_n;
+      for (int64_t hd = 0; hd < L.n_heads; ++hd) norm_and_rope(row + hd * D, L, L.q_norm, pos);
+      for (int64_t g = 0; g < L.n_kv; ++g) {
+        float* k = row + q_size + g * D;
+        norm_and_rope(k, L, L.k_norm, pos);
+        std::copy(k, k + D, L.keys + ((b * L.n_kv + g) * L.S + pos) * D);
+        const float* v = row + q_size + kv_size + g * D;
+        std::copy(v, v + D, L.values + ((b * L.n_kv + g) * L.S + pos) * D);
+      }
+    }
+  }
+  // Attention of each new token over keys [lo, pos] (the last `window` of them if set), softmax in fp32.
+#pragma omp parallel for collapse(2) if (M * L.n_heads >= 8)
+  for (int64_t bt = 0; bt < M; ++bt) {
+    for (int64_t hd = 0; hd < L.n_heads; ++hd) {
+      const int64_t b = bt / T, pos = starts[b] + bt % T;
+      const int64_t lo = L.window > 0 ? std::max<int64_t>(0, pos - L.window + 1) : 0;
+      const float* q = qkv.get() + bt * qkv_n + hd * D;
+      const float* keys = L.keys + (b * L.n_kv + hd / group) * L.S * D;
+      const float* values = L.values + (b * L.n_kv + hd / group) * L.S * D;
+      std::unique_ptr<float[]> scores(new float[pos - lo + 1]);
+      float top = -INFINITY;
+      for (int64_t j = lo; j <= pos; ++j) {
+        float dot = 0.f;
+        for (int64_t i = 0; i < D; ++i) dot += q[i] * keys[j * D + i];
+        scores[j - lo] = dot * L.scale;
+        top = std::max(top, scores[j - lo]);
+      }
+      float total = 0.f;
+      for (int64_t j = lo; j <= pos; ++j) total += (scores[j - lo] = std::exp(scores[j - lo] - top));
+      float* o = attn.get() + bt * q_size + hd * D;
+      for (int64_t i = 0; i < D; ++i) o[i] = 0.f;
+      for (int64_t j = lo; j <= pos; ++j) {
+        const float w = scores[j - lo] / total;
+        for (int64_t i = 0; i < D; ++i) o[i] += w * values[j * D + i];
+      }
+    }
+  }
+  run(L.o, attn.get(), out.get(), M, H);
+  for (int64_t i = 0; i < M * H; ++i) x[i] += out[i];
+  rms_norm_rows(x, L.norm2, h.get(), M, H, L.eps);
+  run(L.gate_up, h.get(), out.get(), M, 2 * L.inter);
+  for (int64_t r = 0; r < M; ++r) {
+    const float* g = out.get() + r * 2 * L.inter;
+    const float* u = g + L.inter;
+    for (int64_t i = 0; i < L.inter; ++i) h[r * L.inter + i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+  }
+  run(L.down, h.get(), out.get(), M, H);
+  for (int64_t i = 0; i < M * H; ++i) x[i] += out[i];
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -405,6 +504,39 @@ PyObject* py_mxfp4_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   Py_RETURN_NONE;
 }
 
+// dense_layer(x, starts, B, T, H, n_heads, n_kv, D, inter, S, window, norm1, norm2, q_norm, k_norm, cos, sin,
+//             qkv_q, qkv_s, o_q, o_s, gate_up_q, gate_up_s, down_q, down_s, keys, values, eps, scale)
+// (pointers as integers, 0 for no QK-norm; eps and scale as floats)
+PyObject* py_dense_layer(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  int64_t a[27];
+  if (nargs != 29) {
+    PyErr_Format(PyExc_TypeError, "dense_layer expects 29 arguments, got %zd", nargs);
+    return nullptr;
+  }
+  if (!parse_i64(args, 27, 27, a)) return nullptr;
+  const double eps = PyFloat_AsDouble(args[27]), scale = PyFloat_AsDouble(args[28]);
+  if (PyErr_Occurred()) return nullptr;
+  const int64_t H = a[4], n_heads = a[5], n_kv = a[6], D = a[7], inter = a[8];
+  if (D > 512 || D % 2 || n_kv <= 0 || n_heads % n_kv) {
+    PyErr_SetString(PyExc_ValueError, "dense_layer: unsupported head layout");
+    return nullptr;
+  }
+  const int64_t qkv_n = (n_heads + 2 * n_kv) * D;
+  DenseLayer L{H, n_heads, n_kv, D, inter, a[9], a[10], static_cast<float>(eps), static_cast<float>(scale),
+               ptr<const float>(a[11]), ptr<const float>(a[12]), ptr<const float>(a[13]), ptr<const float>(a[14]),
+               ptr<const float>(a[15]), ptr<const float>(a[16]),
+               Int8Weights{ptr<const int8_t>(a[17]), ptr<const float>(a[18]), H},
+               Int8Weights{ptr<const int8_t>(a[19]), ptr<const float>(a[20]), n_heads * D},
+               Int8Weights{ptr<const int8_t>(a[21]), ptr<const float>(a[22]), H},
+               Int8Weights{ptr<const int8_t>(a[23]), ptr<const float>(a[24]), inter},
+               ptr<float>(a[25]), ptr<float>(a[26])};
+  (void)qkv_n;
+  Py_BEGIN_ALLOW_THREADS
+  dense_layer(L, ptr<float>(a[0]), ptr<const int64_t>(a[1]), a[2], a[3]);
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
 template <PyObject* (*F)(PyObject*, PyObject* const*, Py_ssize_t)>
 PyCFunction fastcall() {
   return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(F));
@@ -414,6 +546,7 @@ PyMethodDef kMethods[] = {
     {"int8_linear", fastcall<py_int8_linear>(), METH_FASTCALL, "int8_linear(x, qweight, scales, out, M, N, K)"},
     {"fp16_linear", fastcall<py_fp16_linear>(), METH_FASTCALL, "fp16_linear(x, weight, out, M, N, K)"},
     {"mxfp4_linear", fastcall<py_mxfp4_linear>(), METH_FASTCALL, "mxfp4_linear(x, blocks, scales, out, M, N, K)"},
+    {"dense_layer", fastcall<py_dense_layer>(), METH_FASTCALL, "one dense decoder layer (see kernels/cpu_layer.py)"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "cpu_gemm", "Raw-pointer CPU decode kernels", -1, kMethods};
