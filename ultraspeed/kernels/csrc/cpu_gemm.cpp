@@ -361,11 +361,64 @@ struct DenseLayer {
   float *keys, *values;                           // [B, n_kv, S, D], row 0 = the step's first row
 };
 
+// sum_i a[i] * b[i] with 8-lane FMAs (the compiler keeps a float reduction scalar without -ffast-math).
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  float sum = hsum(_mm256_add_ps(acc0, acc1));
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// exp of 8 floats: Cephes' expf (range reduction by ln 2, degree-5 polynomial), within ~2 ulp of std::exp.
+inline __m256 exp256(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3365f)), _mm256_set1_ps(88.3763f));
+  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n));
+}
+
+// v[i] = exp(v[i] - top) in place; returns their sum (the softmax denominator).
+inline float exp_shifted(float* v, int64_t n, float top) {
+  const __m256 t = _mm256_set1_ps(top);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(v + i), t));
+    _mm256_storeu_ps(v + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  float sum = hsum(acc);
+  for (; i < n; ++i) sum += (v[i] = std::exp(v[i] - top));
+  return sum;
+}
+
+// y[i] += w * x[i]
+inline void axpy(float w, const float* x, float* y, int64_t n) {
+  const __m256 wv = _mm256_set1_ps(w);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += w * x[i];
+}
+
 void rms_norm_rows(const float* x, const float* w, float* y, int64_t rows, int64_t n, float eps) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * n;
-    float ss = 0.f;
-    for (int64_t i = 0; i < n; ++i) ss += xr[i] * xr[i];
+    const float ss = dot(xr, xr, n);
     const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
     for (int64_t i = 0; i < n; ++i) y[r * n + i] = xr[i] * inv * w[i];
   }
@@ -417,19 +470,13 @@ void dense_layer(const DenseLayer& L, float* x, const int64_t* starts, int64_t B
       std::unique_ptr<float[]> scores(new float[pos - lo + 1]);
       float top = -INFINITY;
       for (int64_t j = lo; j <= pos; ++j) {
-        float dot = 0.f;
-        for (int64_t i = 0; i < D; ++i) dot += q[i] * keys[j * D + i];
-        scores[j - lo] = dot * L.scale;
+        scores[j - lo] = dot(q, keys + j * D, D) * L.scale;
         top = std::max(top, scores[j - lo]);
       }
-      float total = 0.f;
-      for (int64_t j = lo; j <= pos; ++j) total += (scores[j - lo] = std::exp(scores[j - lo] - top));
+      const float total = exp_shifted(scores.get(), pos - lo + 1, top);
       float* o = attn.get() + bt * q_size + hd * D;
       for (int64_t i = 0; i < D; ++i) o[i] = 0.f;
-      for (int64_t j = lo; j <= pos; ++j) {
-        const float w = scores[j - lo] / total;
-        for (int64_t i = 0; i < D; ++i) o[i] += w * values[j * D + i];
-      }
+      for (int64_t j = lo; j <= pos; ++j) axpy(scores[j - lo] / total, values + j * D, o, D);
     }
   }
   run(L.o, attn.get(), out.get(), M, H);
