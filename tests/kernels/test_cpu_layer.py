@@ -77,3 +77,15 @@ def test_only_supported_layers_are_fused(tmp_path):
     fp32 = ours_from_hf(hf_model("llama", seed=1), tmp_path / "fp32")
     assert fuse_dense_layers(fp32) == 0             # fp32 weights: the PyTorch matmuls stay
     assert not any(isinstance(layer, FusedDenseLayer) for layer in fp32.layers)
+
+
+@torch.inference_mode()
+def test_weights_replaced_after_the_swap_fall_back_to_pytorch(pair):
+    """A norm weight re-allocated after fusing (a dtype round trip, a new Parameter) must not be read through
+    the stale pointer: the layer takes its PyTorch path, which sees the new weight."""
+    model, fused = (copy.deepcopy(m) for m in pair("llama"))
+    for m in (model, fused):
+        m.layers[0].input_layernorm.weight = torch.nn.Parameter(m.layers[0].input_layernorm.weight * 2.0)
+    ids = torch.tensor([[3, 17, 42]])
+    want, got = (m.logits(m(ids, m.new_cache(1, 16))[0]) for m in (model, fused))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

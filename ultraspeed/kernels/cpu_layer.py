@@ -62,7 +62,10 @@ class FusedDenseLayer(DecoderLayer):
     def forward(self, x: torch.Tensor, step: StepContext, cache, layer: int) -> torch.Tensor:
         keys, values = cache.keys[layer], cache.values[layer]
         if (x.shape[1] > MAX_TOKENS or step.static or x.dtype != torch.float32 or x.device.type != "cpu"
-                or keys.dtype != torch.float32 or not keys.is_contiguous() or not values.is_contiguous()):
+                or keys.dtype != torch.float32 or not keys.is_contiguous() or not values.is_contiguous()
+                # parameters re-allocated since the swap (a dtype or device round trip re-allocates them all; the
+                # first norm weight stands for them): the pointers are stale, the PyTorch path reads the new ones
+                or self.input_layernorm.weight.data_ptr() != self._pointers[0]):
             return super().forward(x, step, cache, layer)
         B, T, _ = x.shape
         out = torch.clone(x, memory_format=torch.contiguous_format)   # a captured layer output must not change
