@@ -95,10 +95,23 @@ def test_stop_token_and_sampled_seeds_are_reproducible(tiny, engine):
 
 
 @pytest.mark.parametrize("group", ["standard", "ultraspeed"])
-def test_candidates_of_one_prompt_share_its_prefill(tiny, engine, group):
+def test_candidates_of_one_prompt_share_its_prefill(tiny, group):
     """Requests admitted together with the same prompt (the n candidates of a call) copy the first one's cache
     row instead of prefilling, and still produce exactly what each produces alone. A parent that retires at its
-    first token cannot be copied (its row is gone), so the next candidate prefills again."""
+    first token cannot be copied (its row is gone), so the next candidate prefills again.
+
+    Whole-block verification here: a sampled speculative row draws one uniform per verified draft, and adaptive
+    verification picks one length for all rows of a step from timed costs, so the same seed alone and in a
+    batch may consume its random stream differently (both exact in distribution, not token for token)."""
+    engine = Engine(tiny.model, EngineConfig(groups=GROUPS, max_len=128, max_queue=16, adaptive_verify=False),
+                    tiny.drafter).start()
+    try:
+        check_candidates_share_a_prefill(engine, group)
+    finally:
+        engine.stop()
+
+
+def check_candidates_share_a_prefill(engine, group):
     p = prompts(1)[0]
     sampled = [SamplingParams(temperature=0.9, max_tokens=9, seed=s, ignore_eos=True) for s in (4, 5)]
     first = [SamplingParams(max_tokens=1, ignore_eos=True)] if group == "standard" else []   # 2 slots there

@@ -192,7 +192,9 @@ class _SpeculativeLane:
     """DFlash for a batch (engine/speculative.speculative_step): every step drafts a block for each row in one
     drafter forward, verifies all blocks (or the prefix worth verifying) in one target forward, then accepts per
     row (greedy prefix or rejection sampling with the row's own parameters) and rolls each row's cache back over
-    its rejected drafts."""
+    its rejected drafts. A seeded sampled request draws one uniform per verified draft: with adaptive
+    verification, which picks one length per step for all rows, its tokens follow the target distribution exactly
+    but may differ between running alone and in a batch (whole blocks make them identical)."""
 
     def __init__(self, target: Decoder, drafter: DFlashDrafter, rows: int, max_len: int, chunk: int,
                  step_cost: StepCost | None = None, lookup: bool = False) -> None:
