@@ -58,17 +58,28 @@ def draft_block(drafter: DFlashDrafter, target: Decoder, draft_cache: KVCache,
     b, B = anchors.shape[0], drafter.config.block_size
     device = anchors.device
     starts = draft_cache.lengths[:b].to(device)
-    span = int(draft_cache.lengths[:b].max())
     embeds = drafter.block_embeddings(target.embed_tokens(anchors).view(b, 1, -1))
+    fused = drafter.fused_layers
+    if fused is not None and fused.accepts(drafter, embeds, draft_cache, B):   # CPU: each row its own context
+        hidden = drafter.norm(fused(embeds, draft_cache, starts))
+    else:
+        hidden = drafter(embeds, *_block_inputs(drafter, draft_cache, starts))
+    confidence, indices = drafter.draft_logits(hidden[:, 1:], target.lm_head.weight).softmax(-1).max(-1)
+    return drafter.to_token_ids(indices), confidence
+
+
+def _block_inputs(drafter: DFlashDrafter, draft_cache: KVCache,
+                  starts: torch.Tensor) -> tuple[torch.Tensor, list, torch.Tensor]:
+    """The PyTorch drafter's block positions, context keys/values (padded to the longest row) and mask."""
+    b, B, device = starts.shape[0], drafter.config.block_size, starts.device
+    span = int(draft_cache.lengths[:b].max())
     positions = starts.view(b, 1) + torch.arange(B, device=device).view(1, B)
     key_pos = torch.cat([torch.arange(span, device=device).expand(b, span), positions], dim=1)
     key_block = torch.cat([torch.full((span,), -1, device=device), torch.zeros(B, dtype=torch.long, device=device)])
     mask = block_mask(positions, torch.zeros(B, dtype=torch.long, device=device), starts.view(b, 1).expand(b, B),
                       key_pos, key_block.expand(b, -1), drafter.config.window, drafter.config.causal_in_block)
     context = [(k[:b, :, :span], v[:b, :, :span]) for k, v in zip(draft_cache.keys, draft_cache.values)]
-    hidden = drafter(embeds, positions, context, mask.unsqueeze(1))
-    confidence, indices = drafter.draft_logits(hidden[:, 1:], target.lm_head.weight).softmax(-1).max(-1)
-    return drafter.to_token_ids(indices), confidence
+    return positions, context, mask.unsqueeze(1)
 
 
 def lookup_drafts(lookups: list[NgramIndex | None], slots: int,

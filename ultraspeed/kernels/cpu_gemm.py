@@ -264,10 +264,11 @@ def mxfp4_linear_ref(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor
 
 def dense_layer(x: torch.Tensor, starts: torch.Tensor, batch: int, tokens: int, hidden: int, heads: int,
                 kv_heads: int, head_dim: int, intermediate: int, cache_len: int, window: int, pointers: list[int],
-                keys_ptr: int, values_ptr: int, eps: float, scale: float) -> None:
+                keys_ptr: int, values_ptr: int, eps: float, scale: float, causal: bool = True) -> None:
     """In place on x [batch, tokens, hidden] (contiguous fp32): one decoder layer, the new keys/values written
     into the cache rows at `starts` [batch] (int64). `pointers`: the norm weights, QK-norm weights (0, 0 for
-    none), the rope cos/sin tables and the four int8 matrices (qweight, scales each), all owned by the caller."""
+    none), the rope cos/sin tables and the four int8 matrices (qweight, scales each), all owned by the caller.
+    `causal=False`: a step's tokens all see each other (a DFlash draft block) instead of only those before."""
     if x.dtype != torch.float32 or not x.is_contiguous() or tuple(x.shape) != (batch, tokens, hidden):
         raise ValueError(f"x must be a contiguous float32 [{batch}, {tokens}, {hidden}] tensor")
     if starts.dtype != torch.int64 or not starts.is_contiguous() or starts.numel() != batch:
@@ -275,4 +276,4 @@ def dense_layer(x: torch.Tensor, starts: torch.Tensor, batch: int, tokens: int, 
     if int(starts.max()) + tokens > cache_len:
         raise ValueError(f"positions up to {int(starts.max()) + tokens} exceed the cache of {cache_len}")
     _kernels().dense_layer(x.data_ptr(), starts.data_ptr(), batch, tokens, hidden, heads, kv_heads, head_dim,
-                           intermediate, cache_len, window, *pointers, keys_ptr, values_ptr, eps, scale)
+                           intermediate, cache_len, window, int(causal), *pointers, keys_ptr, values_ptr, eps, scale)

@@ -158,6 +158,8 @@ class DFlashDrafter(nn.Module):
         # Serving may install a quantized copy of the draft head (quant/int8.match_drafter_weights); training
         # keeps the fp32 rows it backpropagates through.
         self.served_head: nn.Module | None = None
+        # ... and its layers fused into one C++ call each for CPU drafting (kernels/cpu_draft_layer.py).
+        self.fused_layers = None
 
     def rope_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [b, N] -> cos, sin [b, 1, N, D]"""

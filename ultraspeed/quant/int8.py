@@ -69,9 +69,11 @@ def apply_weight_format(model: nn.Module, weights: str) -> str:
 def match_drafter_weights(drafter: nn.Module, target_format: str, target: nn.Module) -> None:
     """Serve a drafter in the same dense format as the target it drafts for (so drafting gets as cheap), its
     draft-vocabulary head included: the target LM head's fp32 rows for the draft vocabulary were the largest
-    read of a CPU draft step (4,096 x 576 fp32 = 9 MB, ~40% of it)."""
+    read of a CPU draft step (4,096 x 576 fp32 = 9 MB, ~40% of it); its layers fused like the target's."""
     if target_format == "int8" and apply_weight_format(drafter, "int8") == "int8":
         rows = drafter.draft_head(target.lm_head.weight)
         head = Linear(rows.shape[1], rows.shape[0])
         head.weight = nn.Parameter(rows, requires_grad=False)
         drafter.served_head = Int8Linear(head)
+        from ultraspeed.kernels.cpu_draft_layer import fuse_draft_layers   # imports this module
+        fuse_draft_layers(drafter)

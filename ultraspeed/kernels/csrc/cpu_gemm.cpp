@@ -354,6 +354,7 @@ void run(const W& w, const float* x, float* y, int64_t M, int64_t N) {
 
 struct DenseLayer {
   int64_t H, n_heads, n_kv, D, inter, S, window;  // window 0: none
+  bool causal;                                    // false: a step's tokens all see each other (a draft block)
   float eps, scale;
   const float *norm1, *norm2, *q_norm, *k_norm;   // q_norm / k_norm null: no QK-norm
   const float *cos, *sin;                         // [max_position, D]
@@ -443,7 +444,7 @@ void dense_layer(const DenseLayer& L, float* x, const int64_t* starts, int64_t B
       attn(new float[M * q_size]), out(new float[M * std::max(H, 2 * L.inter)]);
   rms_norm_rows(x, L.norm1, h.get(), M, H, L.eps);
   run(L.qkv, h.get(), qkv.get(), M, qkv_n);
-  // Rope, then the new keys/values into the cache at each row's positions (the block sees itself causally).
+  // Rope, then the new keys/values into the cache at each row's positions.
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t t = 0; t < T; ++t) {
       const int64_t pos = starts[b] + t;
@@ -458,25 +459,26 @@ void dense_layer(const DenseLayer& L, float* x, const int64_t* starts, int64_t B
       }
     }
   }
-  // Attention of each new token over keys [lo, pos] (the last `window` of them if set), softmax in fp32.
+  // Attention of each new token over keys [lo, hi], softmax in fp32: hi is the token itself (causal) or the
+  // step's last token (bidirectional); lo starts the last `window` positions up to the token, if set.
 #pragma omp parallel for collapse(2) if (M * L.n_heads >= 8)
   for (int64_t bt = 0; bt < M; ++bt) {
     for (int64_t hd = 0; hd < L.n_heads; ++hd) {
-      const int64_t b = bt / T, pos = starts[b] + bt % T;
+      const int64_t b = bt / T, pos = starts[b] + bt % T, hi = L.causal ? pos : starts[b] + T - 1;
       const int64_t lo = L.window > 0 ? std::max<int64_t>(0, pos - L.window + 1) : 0;
       const float* q = qkv.get() + bt * qkv_n + hd * D;
       const float* keys = L.keys + (b * L.n_kv + hd / group) * L.S * D;
       const float* values = L.values + (b * L.n_kv + hd / group) * L.S * D;
-      std::unique_ptr<float[]> scores(new float[pos - lo + 1]);
+      std::unique_ptr<float[]> scores(new float[hi - lo + 1]);
       float top = -INFINITY;
-      for (int64_t j = lo; j <= pos; ++j) {
+      for (int64_t j = lo; j <= hi; ++j) {
         scores[j - lo] = dot(q, keys + j * D, D) * L.scale;
         top = std::max(top, scores[j - lo]);
       }
-      const float total = exp_shifted(scores.get(), pos - lo + 1, top);
+      const float total = exp_shifted(scores.get(), hi - lo + 1, top);
       float* o = attn.get() + bt * q_size + hd * D;
       for (int64_t i = 0; i < D; ++i) o[i] = 0.f;
-      for (int64_t j = lo; j <= pos; ++j) axpy(scores[j - lo] / total, values + j * D, o, D);
+      for (int64_t j = lo; j <= hi; ++j) axpy(scores[j - lo] / total, values + j * D, o, D);
     }
   }
   run(L.o, attn.get(), out.get(), M, H);
@@ -551,33 +553,31 @@ PyObject* py_mxfp4_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   Py_RETURN_NONE;
 }
 
-// dense_layer(x, starts, B, T, H, n_heads, n_kv, D, inter, S, window, norm1, norm2, q_norm, k_norm, cos, sin,
-//             qkv_q, qkv_s, o_q, o_s, gate_up_q, gate_up_s, down_q, down_s, keys, values, eps, scale)
+// dense_layer(x, starts, B, T, H, n_heads, n_kv, D, inter, S, window, causal, norm1, norm2, q_norm, k_norm, cos,
+//             sin, qkv_q, qkv_s, o_q, o_s, gate_up_q, gate_up_s, down_q, down_s, keys, values, eps, scale)
 // (pointers as integers, 0 for no QK-norm; eps and scale as floats)
 PyObject* py_dense_layer(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  int64_t a[27];
-  if (nargs != 29) {
-    PyErr_Format(PyExc_TypeError, "dense_layer expects 29 arguments, got %zd", nargs);
+  int64_t a[28];
+  if (nargs != 30) {
+    PyErr_Format(PyExc_TypeError, "dense_layer expects 30 arguments, got %zd", nargs);
     return nullptr;
   }
-  if (!parse_i64(args, 27, 27, a)) return nullptr;
-  const double eps = PyFloat_AsDouble(args[27]), scale = PyFloat_AsDouble(args[28]);
+  if (!parse_i64(args, 28, 28, a)) return nullptr;
+  const double eps = PyFloat_AsDouble(args[28]), scale = PyFloat_AsDouble(args[29]);
   if (PyErr_Occurred()) return nullptr;
   const int64_t H = a[4], n_heads = a[5], n_kv = a[6], D = a[7], inter = a[8];
   if (D > 512 || D % 2 || n_kv <= 0 || n_heads % n_kv) {
     PyErr_SetString(PyExc_ValueError, "dense_layer: unsupported head layout");
     return nullptr;
   }
-  const int64_t qkv_n = (n_heads + 2 * n_kv) * D;
-  DenseLayer L{H, n_heads, n_kv, D, inter, a[9], a[10], static_cast<float>(eps), static_cast<float>(scale),
-               ptr<const float>(a[11]), ptr<const float>(a[12]), ptr<const float>(a[13]), ptr<const float>(a[14]),
-               ptr<const float>(a[15]), ptr<const float>(a[16]),
-               Int8Weights{ptr<const int8_t>(a[17]), ptr<const float>(a[18]), H},
-               Int8Weights{ptr<const int8_t>(a[19]), ptr<const float>(a[20]), n_heads * D},
-               Int8Weights{ptr<const int8_t>(a[21]), ptr<const float>(a[22]), H},
-               Int8Weights{ptr<const int8_t>(a[23]), ptr<const float>(a[24]), inter},
-               ptr<float>(a[25]), ptr<float>(a[26])};
-  (void)qkv_n;
+  DenseLayer L{H, n_heads, n_kv, D, inter, a[9], a[10], a[11] != 0, static_cast<float>(eps),
+               static_cast<float>(scale), ptr<const float>(a[12]), ptr<const float>(a[13]), ptr<const float>(a[14]),
+               ptr<const float>(a[15]), ptr<const float>(a[16]), ptr<const float>(a[17]),
+               Int8Weights{ptr<const int8_t>(a[18]), ptr<const float>(a[19]), H},
+               Int8Weights{ptr<const int8_t>(a[20]), ptr<const float>(a[21]), n_heads * D},
+               Int8Weights{ptr<const int8_t>(a[22]), ptr<const float>(a[23]), H},
+               Int8Weights{ptr<const int8_t>(a[24]), ptr<const float>(a[25]), inter},
+               ptr<float>(a[26]), ptr<float>(a[27])};
   Py_BEGIN_ALLOW_THREADS
   dense_layer(L, ptr<float>(a[0]), ptr<const int64_t>(a[1]), a[2], a[3]);
   Py_END_ALLOW_THREADS
