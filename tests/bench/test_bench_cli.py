@@ -50,7 +50,22 @@ def test_bench_acceptance_json(capsys, tmp_path):
         # As generate serves: lookup drafts where the context repeats; the whole-block runs never use them.
         assert r["lookup_step_share"] == 0 and 0 <= r["lookup"]["lookup_step_share"] <= 1
         assert r["gave_up"] == 0 and r["lookup"]["gave_up"] in (0, 1)     # only the served mode gives up
+        # After the first token: decode speed beside whole-reply speed, its speed-up against plain's decode speed.
+        for mode in (r, a, r["lookup"]):
+            assert mode["median_ttft_s"] > 0 and mode["decode_tokens_per_s"] > 0
+            assert mode["decode_speedup_vs_plain"] == pytest.approx(
+                mode["decode_tokens_per_s"] / report["results"]["math"]["plain_decode_tokens_per_s"], rel=0.02)
+    assert report["results"]["math"]["plain_median_ttft_s"] > 0
     assert set(report["step_costs"]) == {"4", "8"}
+
+
+def test_decode_rate_leaves_out_the_first_token_and_the_prefill():
+    from ultraspeed.bench.acceptance import decode_rate
+    from ultraspeed.engine.generate import GenerationStats
+    replies = [GenerationStats(new_tokens=5, prefill_seconds=9.0, decode_seconds=2.0),
+               GenerationStats(new_tokens=1, prefill_seconds=1.0, decode_seconds=0.0)]
+    assert decode_rate(replies) == pytest.approx(2.0)       # 4 tokens after the first, in 2 s
+    assert decode_rate([GenerationStats(new_tokens=1)]) == 0.0
 
 
 def test_bench_acceptance_verify_full_and_no_lookup_skip_their_runs(capsys, tmp_path):
