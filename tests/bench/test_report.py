@@ -37,7 +37,7 @@ def test_quick_report_end_to_end(capsys, tmp_path):
     assert list(report["systems"]) == systems
     for name in systems:
         s = report["systems"][name]
-        assert s["weights"] in ("int8", "checkpoint")
+        assert s["weights"] in ("q4+int8", "int8", "checkpoint")
         for scope in (s["domains"]["math"], s[ALL]):
             assert scope["samples"] == 1
             for metric in ("tokens_per_s", "ttft_s"):

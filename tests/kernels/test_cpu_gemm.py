@@ -42,6 +42,37 @@ def test_fp16_matches_reference(m: int, n: int, k: int) -> None:
     _assert_close(cg.fp16_linear(x, packed), cg.fp16_linear_ref(x, packed))
 
 
+def four_bit(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """fp32 weights [n, k] that are exactly Q4_1 (d * code + m per group of 32, fp16 d and m), as a GGUF loader
+    decodes them; every group uses codes 0 and 15, as llama.cpp's quantizer produces."""
+    d = (torch.rand(n, k // 32, 1, generator=gen) * 0.2).half().float()
+    m = (-torch.rand(n, k // 32, 1, generator=gen)).half().float()
+    codes = torch.randint(0, 16, (n, k // 32, 32), generator=gen).float()
+    codes[..., 0], codes[..., -1] = 0, 15
+    return (codes * d + m).reshape(n, k)
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_q4_matches_reference_and_repacks_4bit_weights_exactly(m: int, n: int, k: int) -> None:
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    w = four_bit(n, k, gen)
+    packed = cg.pack_q4(w)
+    assert packed is not None and torch.equal(cg.dequantize_q4(packed), w)
+    x = torch.randn(m, k, generator=gen)
+    _assert_close(cg.q4_linear(x, packed), cg.q4_linear_ref(x, packed))
+    _assert_close(cg.q4_linear(x, packed), torch.nn.functional.linear(x, w))
+
+
+def test_pack_q4_refuses_weights_that_are_not_4bit() -> None:
+    gen = torch.Generator().manual_seed(0)
+    w = four_bit(8, 64, gen)
+    assert cg.pack_q4(torch.randn(8, 64, generator=gen)) is None          # fp32 weights: packing would lose
+    w[3, 40] += 1e-3                                                      # one weight off the grid
+    assert cg.pack_q4(w) is None
+    constant = torch.full((2, 32), 0.25)                                  # d = 0: every weight is the minimum
+    assert torch.equal(cg.dequantize_q4(cg.pack_q4(constant)), constant)
+
+
 @pytest.mark.parametrize("m,n,k", SHAPES)
 def test_mxfp4_matches_reference(m: int, n: int, k: int) -> None:
     gen = torch.Generator().manual_seed(m * 1000 + n)

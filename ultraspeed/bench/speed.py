@@ -83,9 +83,9 @@ def run_speed_bench(cfg: SpeedConfig) -> dict:
     systems["ultraspeed_plain_fp32"] = measure(engine_runner(loaded), prompts, cfg.new_tokens, cfg.repeats,
                                                "ours plain fp32")
     report["weights"] = apply_weight_format(loaded.model, "auto")
-    if report["weights"] == "int8":
+    if report["weights"] != "checkpoint":
         systems["ultraspeed_plain"] = measure(engine_runner(loaded), prompts, cfg.new_tokens, cfg.repeats,
-                                              "ours plain int8")
+                                              f"ours plain {report['weights']}")
     else:
         systems["ultraspeed_plain"] = systems["ultraspeed_plain_fp32"]
     if cfg.drafter:

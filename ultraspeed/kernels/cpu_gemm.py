@@ -217,6 +217,73 @@ def fp16_linear_ref(x: torch.Tensor, packed: PackedFP16) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
+# 4-bit with an fp16 scale and minimum per 32 (llama.cpp Q4_1): 0.625 bytes per weight
+
+
+@dataclass(frozen=True)
+class PackedQ4:
+    q: torch.Tensor   # uint8 [N, K/2]: per group of 32, byte j = code j | code j+16 << 4
+    dm: torch.Tensor  # float16 [N, 2, K/32]: each row's scales d, then its minimums m; weight = d * code + m
+    out_features: int = field(init=False)
+    in_features: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.q.dim() != 2 or self.q.shape[1] <= 0 or self.q.shape[1] % (GROUP // 2):
+            raise ValueError(f"q must be [N, K/2] with K a positive multiple of {GROUP}, got {list(self.q.shape)}")
+        n, half = self.q.shape
+        _check_weight(self.q, "q", torch.uint8, (n, half))
+        _check_weight(self.dm, "dm", torch.float16, (n, 2, 2 * half // GROUP))
+        object.__setattr__(self, "out_features", n)
+        object.__setattr__(self, "in_features", 2 * half)
+
+
+def pack_q4(w: torch.Tensor) -> PackedQ4 | None:
+    """Re-packs W [N, K] whose every group of 32 weights is already d * code + m (codes 0..15, d and m fp16: a
+    dequantized Q4_1 tensor, as GGUF checkpoints ship) in 4 bits, without loss. None where some group is not:
+    quantizing a finer checkpoint to 4 bits would change the model, which only the MXFP4 path does, on purpose."""
+    n, k = _check_nk(w, "w")
+    groups = w.detach().to(device="cpu", dtype=torch.float32).reshape(n, k // GROUP, GROUP)
+    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+    d, m = ((hi - lo) / 15).half(), lo.half()     # Q4_1 maps every group's minimum to 0 and maximum to 15
+    df, mf = d.float()[..., None], m.float()[..., None]
+    codes = torch.where(df > 0, torch.round((groups - mf) / torch.where(df > 0, df, 1.0)), 0.0).clamp_(0, 15)
+    error = (codes * df + mf - groups).abs().max()
+    if not torch.isfinite(error) or error > 1e-6 * groups.abs().max():
+        return None
+    codes = codes.to(torch.uint8).reshape(n, k // GROUP, 2, GROUP // 2)
+    q = (codes[:, :, 0] | (codes[:, :, 1] << 4)).reshape(n, k // 2)
+    return PackedQ4(q.contiguous(), torch.stack([d, m], dim=1).contiguous())
+
+
+def dequantize_q4(packed: PackedQ4) -> torch.Tensor:
+    n, k = packed.out_features, packed.in_features
+    q = packed.q.reshape(n, k // GROUP, GROUP // 2)
+    codes = torch.cat([q & 15, q >> 4], dim=-1).float()
+    d, m = packed.dm.float().unbind(dim=1)
+    return (codes * d[..., None] + m[..., None]).reshape(n, k)
+
+
+def q4_linear(x: torch.Tensor, packed: PackedQ4, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ dequantize_q4(packed).T -> [..., N], fp32."""
+    n, k = packed.out_features, packed.in_features
+    x, out, m = _io(x, n, k, out)
+    if m:
+        _kernels().q4_linear(x.data_ptr(), packed.q.data_ptr(), packed.dm.data_ptr(), out.data_ptr(), m, n, k)
+    return out
+
+
+def q4_linear_ref(x: torch.Tensor, packed: PackedQ4) -> torch.Tensor:
+    return F.linear(x, dequantize_q4(packed))
+
+
+def weight_pointers(packed: PackedInt8 | PackedQ4) -> tuple[int, int, int]:
+    """(format code, first pointer, second pointer) of a packed matrix, as dense_layer takes them."""
+    if isinstance(packed, PackedQ4):
+        return 1, packed.q.data_ptr(), packed.dm.data_ptr()
+    return 0, packed.qweight.data_ptr(), packed.scales.data_ptr()
+
+
+# --------------------------------------------------------------------------------------------
 # MXFP4 (OCP MX, gpt-oss layout; format defined in ultraspeed.quant.mxfp4)
 
 
@@ -264,11 +331,13 @@ def mxfp4_linear_ref(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor
 
 def dense_layer(x: torch.Tensor, starts: torch.Tensor, batch: int, tokens: int, hidden: int, heads: int,
                 kv_heads: int, head_dim: int, intermediate: int, cache_len: int, window: int, pointers: list[int],
-                keys_ptr: int, values_ptr: int, eps: float, scale: float, causal: bool = True) -> None:
+                keys_ptr: int, values_ptr: int, eps: float, scale: float, causal: bool = True,
+                weight_format: int = 0) -> None:
     """In place on x [batch, tokens, hidden] (contiguous fp32): one decoder layer, the new keys/values written
     into the cache rows at `starts` [batch] (int64). `pointers`: the norm weights, QK-norm weights (0, 0 for
-    none), the rope cos/sin tables and the four int8 matrices (qweight, scales each), all owned by the caller.
-    `causal=False`: a step's tokens all see each other (a DFlash draft block) instead of only those before."""
+    none), the rope cos/sin tables and the four matrices (two pointers each: weight_pointers), all owned by the
+    caller; `weight_format` 0: int8 matrices, 1: 4-bit. `causal=False`: a step's tokens all see each other (a
+    DFlash draft block) instead of only those before."""
     if x.dtype != torch.float32 or not x.is_contiguous() or tuple(x.shape) != (batch, tokens, hidden):
         raise ValueError(f"x must be a contiguous float32 [{batch}, {tokens}, {hidden}] tensor")
     if starts.dtype != torch.int64 or not starts.is_contiguous() or starts.numel() != batch:
@@ -276,4 +345,4 @@ def dense_layer(x: torch.Tensor, starts: torch.Tensor, batch: int, tokens: int, 
     if int(starts.max()) + tokens > cache_len:
         raise ValueError(f"positions up to {int(starts.max()) + tokens} exceed the cache of {cache_len}")
     _kernels().dense_layer(x.data_ptr(), starts.data_ptr(), batch, tokens, hidden, heads, kv_heads, head_dim,
-                           intermediate, cache_len, window, int(causal), *pointers, keys_ptr, values_ptr, eps, scale)
+                           intermediate, cache_len, window, int(causal), weight_format, *pointers, keys_ptr, values_ptr, eps, scale)

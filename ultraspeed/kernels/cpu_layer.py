@@ -9,7 +9,7 @@ which stays the reference (tests/kernels/test_cpu_layer.py compares the two).
 
 Supported: Llama / Mistral / Qwen2-without-bias / Qwen3 layers (rotate-half rope over the whole head, optional
 QK-norm, optional sliding window, no sinks, no value scale), a dense SwiGLU MLP, the four projections int8
-(quant/int8.py) without bias, fp32 activations and KV cache.
+(quant/int8.py) or all four 4-bit (quant/q4.py) without bias, fp32 activations and KV cache.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from ultraspeed.kernels import cpu_gemm
 from ultraspeed.models.decoder import Attention, Decoder, DecoderLayer, StepContext
 from ultraspeed.models.moe import DenseMLP
 from ultraspeed.quant.int8 import Int8Linear
+from ultraspeed.quant.q4 import Q4Linear
 
 MAX_TOKENS = 16      # longer steps (prefill chunks) are compute-bound: torch's threaded attention is faster there
 
@@ -31,7 +32,8 @@ def supports(layer: nn.Module, model: Decoder) -> bool:
         return False
     linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
     cos, _ = model.rope_tables[attn.layer_type]
-    return (all(isinstance(m, Int8Linear) and m.bias is None for m in linears) and attn.sinks is None
+    one_format = all(isinstance(m, Int8Linear) for m in linears) or all(isinstance(m, Q4Linear) for m in linears)
+    return (one_format and all(m.bias is None for m in linears) and attn.sinks is None
             and attn.value_scale == 1.0 and attn.v_head_dim == attn.head_dim and cos.shape[-1] == attn.head_dim
             and model.dtype == torch.float32)
 
@@ -52,9 +54,10 @@ class FusedDenseLayer(DecoderLayer):
         self._shape = (c.hidden_size, attn.num_heads, attn.num_kv_heads, attn.head_dim,
                        mlp.down_proj.in_features)
         self._window = window
+        formats_and_pointers = [cpu_gemm.weight_pointers(w) for w in packed]
+        self._format = formats_and_pointers[0][0]          # one format for the four (supports() checked)
         self._pointers = ([t.data_ptr() for t in norms] + ([t.data_ptr() for t in qk_norms] or [0, 0])
-                          + [t.data_ptr() for t in self._rope]
-                          + [p for w in packed for p in (w.qweight.data_ptr(), w.scales.data_ptr())])
+                          + [t.data_ptr() for t in self._rope] + [p for _, *ps in formats_and_pointers for p in ps])
         self._eps, self._scale = float(self.input_layernorm.eps), float(attn.scale)
         if self.input_layernorm.eps != self.post_attention_layernorm.eps:
             raise ValueError("the fused layer assumes one RMSNorm epsilon per layer")
@@ -72,7 +75,8 @@ class FusedDenseLayer(DecoderLayer):
         starts = step.starts.contiguous()
         row = step.first_row * keys.stride(0) * keys.element_size()    # the step's rows start here
         cpu_gemm.dense_layer(out, starts, B, T, *self._shape, keys.shape[2], self._window, self._pointers,
-                             keys.data_ptr() + row, values.data_ptr() + row, self._eps, self._scale)
+                             keys.data_ptr() + row, values.data_ptr() + row, self._eps, self._scale,
+                             weight_format=self._format)
         return out
 
 

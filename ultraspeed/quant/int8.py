@@ -47,20 +47,25 @@ def use_int8_weights(model: nn.Module) -> int:
 
 
 WEIGHT_FORMATS = ("auto", "fp32", "int8")
+COMPILED_FORMATS = ("int8", "q4+int8")      # what apply_weight_format returns when the CPU kernels serve
 
 
 def apply_weight_format(model: nn.Module, weights: str) -> str:
-    """Serve `model` with dense weights as `weights` says; returns the format in effect.
-    "auto": int8 on a CPU where the compiled kernel builds, else the checkpoint's own precision."""
+    """Serve `model` with dense weights as `weights` says; returns the format in effect ("checkpoint" or one of
+    COMPILED_FORMATS). "auto" on a CPU where the compiled kernel builds: matrices the checkpoint ships in 4 bits
+    stay 4-bit (quant/q4.py, lossless), the rest int8 ("q4+int8"; "int8" when none is 4-bit); elsewhere the
+    checkpoint's own precision. "int8": int8 everywhere."""
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"--weights must be one of {', '.join(WEIGHT_FORMATS)}")
     on_cpu = next(model.parameters()).device.type == "cpu"
     if weights == "fp32" or (weights == "auto" and not on_cpu):
         return "checkpoint"
-    if use_int8_weights(model):
+    from ultraspeed.quant.q4 import use_q4_weights
+    four_bit = use_q4_weights(model) if weights == "auto" else 0
+    if use_int8_weights(model) or four_bit:
         from ultraspeed.kernels.cpu_layer import fuse_dense_layers   # imports the model code, which imports us
-        fuse_dense_layers(model)        # the glue between a layer's int8 matmuls in one call too
-        return "int8"
+        fuse_dense_layers(model)        # the glue between a layer's matmuls in one call too
+        return "q4+int8" if four_bit else "int8"
     if weights == "int8":
         raise ValueError("--weights int8 needs the compiled CPU kernel (a C++ compiler) and a CPU model")
     return "checkpoint"
@@ -70,7 +75,7 @@ def match_drafter_weights(drafter: nn.Module, target_format: str, target: nn.Mod
     """Serve a drafter in the same dense format as the target it drafts for (so drafting gets as cheap), its
     draft-vocabulary head included: the target LM head's fp32 rows for the draft vocabulary were the largest
     read of a CPU draft step (4,096 x 576 fp32 = 9 MB, ~40% of it); its layers fused like the target's."""
-    if target_format == "int8" and apply_weight_format(drafter, "int8") == "int8":
+    if target_format in COMPILED_FORMATS and apply_weight_format(drafter, "int8") == "int8":
         rows = drafter.draft_head(target.lm_head.weight)
         head = Linear(rows.shape[1], rows.shape[0])
         head.weight = nn.Parameter(rows, requires_grad=False)

@@ -3,8 +3,9 @@
 //   y[m, n] = sum_k x[m, k] * W[n, k]    (nn.Linear layout; fp32 x and y; M = 1..32 rows)
 //
 // Decoding a few tokens is bound by reading W, so W is stored in fewer bytes: fp16 (2 bytes per
-// weight), int8 with an fp32 scale per 32 (1.125) or MXFP4 (0.53). All arithmetic is fp32, so the
-// results match "dequantize, then F.linear" to fp32 rounding.
+// weight), int8 with an fp32 scale per 32 (1.125), 4-bit with an fp16 scale and minimum per 32
+// (0.625, llama.cpp's Q4_1) or MXFP4 (0.53). All arithmetic is fp32, so the results match
+// "dequantize, then F.linear" to fp32 rounding.
 //
 // A weight format decodes one group of 32 weights of one output row into four 8-lane fp32 vectors
 // plus the group's scale. MXFP4 decodes in two steps: a tile of rows is first expanded to fp16 in an
@@ -57,7 +58,7 @@ inline void fp16x32_to_fp32(const uint16_t* p, __m256 w[4]) {
 
 // int8 with one fp32 scale per group (llama.cpp Q8_0 style).
 struct Int8Weights {
-  static constexpr bool kScaled = true, kStaged = false, kDeinterleaveX = false;
+  static constexpr bool kScaled = true, kStaged = false, kDeinterleaveX = false, kMin = false;
   const int8_t* q;  // [N, K]
   const float* s;   // [N, K/32]
   int64_t K;
@@ -83,7 +84,7 @@ struct Int8Weights {
 
 // IEEE fp16, widened with F16C. No scale.
 struct Fp16Weights {
-  static constexpr bool kScaled = false, kStaged = false, kDeinterleaveX = false;
+  static constexpr bool kScaled = false, kStaged = false, kDeinterleaveX = false, kMin = false;
   const uint16_t* h;  // [N, K]
   int64_t K;
 
@@ -94,6 +95,50 @@ struct Fp16Weights {
   static void decode(const Row& r, int64_t g, __m256 w[4]) { fp16x32_to_fp32(r.h + g * kGroup, w); }
   static float scale(const Row&, int64_t) { return 1.f; }
   static void prefetch(const Row& r, int64_t g) { prefetch_line(r.h + g * kGroup); }
+};
+
+// 4-bit unsigned codes q with an fp16 scale d and minimum m per group: w = d * q + m (llama.cpp Q4_1, which GGUF
+// checkpoints ship, so serving them in it is exact). Byte j of a group holds element j in its low nibble and
+// element j + 16 in its high nibble, as in GGML, so the weights decode in order. decode() returns the bare
+// codes and d is applied like any scale; the minimum's share of a dot product, sum over groups of
+// m * sum(x_group), is added after the main loop from x's group sums computed once per call (kMin), so the
+// inner loop does no more arithmetic than int8's.
+struct Q4Weights {
+  static constexpr bool kScaled = true, kStaged = false, kDeinterleaveX = false, kMin = true;
+  const uint8_t* q;    // [N, K/2]
+  const uint16_t* dm;  // [N, 2, K/32] fp16: each row's scales, then its minimums
+  int64_t K;
+
+  struct Row {
+    const uint8_t* q;
+    const uint16_t* d;
+  };
+  Row row(int64_t n) const { return {q + n * (K / 2), dm + n * (K / kGroup) * 2}; }
+  static void decode(const Row& r, int64_t g, __m256 w[4]) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r.q + g * (kGroup / 2)));
+    const __m128i lo = _mm_and_si128(b, _mm_set1_epi8(0x0F));
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F));
+    const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    for (int c = 0; c < 4; ++c) w[c] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[c]));
+  }
+  static float scale(const Row& r, int64_t g) { return _cvtsh_ss(r.d[g]); }
+  static float min(const Row& r, int64_t g, int64_t groups) { return _cvtsh_ss(r.d[groups + g]); }
+  // sum_g min_g * xsum[g]: the minimums' share of one row's dot product with one x row.
+  static float min_dot(const Row& r, const float* xsum, int64_t groups) {
+    const uint16_t* mins = r.d + groups;
+    __m256 acc = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= groups; g += 8)
+      acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mins + g))),
+                            _mm256_loadu_ps(xsum + g), acc);
+    float sum = hsum(acc);
+    for (; g < groups; ++g) sum += _cvtsh_ss(mins[g]) * xsum[g];
+    return sum;
+  }
+  static void prefetch(const Row& r, int64_t g) {
+    if (g % 4 == 0) prefetch_line(r.q + g * (kGroup / 2));  // 4 groups per cache line
+    if (g % 32 == 0) prefetch_line(r.d + g);                // 32 scales per cache line
+  }
 };
 
 // E8M0 scale byte s -> 2^(s-127), exactly (s = 0 is the subnormal 2^-127); 255 is NaN (OCP MX).
@@ -109,7 +154,7 @@ const E8M0Table kE8M0;
 // Rows [n0, n0 + kRows) of an MXFP4 matrix after staging: fp16 E2M1 values in an L1 buffer with
 // the original E8M0 scales.
 struct StagedMxfp4 {
-  static constexpr bool kScaled = true, kStaged = false, kDeinterleaveX = true;
+  static constexpr bool kScaled = true, kStaged = false, kDeinterleaveX = true, kMin = false;
   const uint16_t* buf;    // [rows, K]
   int64_t n0, rows;       // buf holds rows [n0, n0 + rows)
   const uint8_t* scales;  // [N, K/32]
@@ -136,7 +181,7 @@ struct StagedMxfp4 {
 // elements, then its odd ones. Rather than re-interleave the weights, run() de-interleaves x once
 // per call (kDeinterleaveX), which costs M*K float moves instead of work per weight.
 struct Mxfp4Weights {
-  static constexpr bool kScaled = true, kStaged = true, kDeinterleaveX = true;
+  static constexpr bool kScaled = true, kStaged = true, kDeinterleaveX = true, kMin = false;
   const uint8_t* blocks;  // [N, K/32, 16]
   const uint8_t* scales;  // [N, K/32]
   int64_t K;
@@ -186,8 +231,9 @@ void deinterleave_groups(const float* x, float* out, int64_t n) {
 // M <= 4: fused decode + FMA on kRows output rows by kM input rows. Rows past N are clamped to
 // N - 1 (computed again, results dropped), which keeps the loops branch-free.
 
+// xsum (formats with a minimum): each x row's group sums, [kM, K/32].
 template <int kM, int kRows, class W>
-inline void fused_tile(const W& w, const float* x, int64_t n0, int64_t N, float* y) {
+inline void fused_tile(const W& w, const float* x, const float* xsum, int64_t n0, int64_t N, float* y) {
   const int64_t K = w.K;
   typename W::Row rows[kRows], ahead[kRows];
   for (int r = 0; r < kRows; ++r) {
@@ -214,7 +260,11 @@ inline void fused_tile(const W& w, const float* x, int64_t n0, int64_t N, float*
     }
   }
   for (int m = 0; m < kM; ++m)
-    for (int r = 0; r < kRows && n0 + r < N; ++r) y[m * N + n0 + r] = hsum(acc[m][r]);
+    for (int r = 0; r < kRows && n0 + r < N; ++r) {
+      float v = hsum(acc[m][r]);
+      if constexpr (W::kMin) v += W::min_dot(rows[r], xsum + m * (K / kGroup), K / kGroup);
+      y[m * N + n0 + r] = v;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -231,7 +281,10 @@ inline void decode_tile(const W& w, int64_t n0, int64_t N, float* tile) {
       __m256 v[4];
       W::prefetch(ahead, g);
       W::decode(row, g, v);
-      if constexpr (W::kScaled) {
+      if constexpr (W::kMin) {
+        const __m256 s = _mm256_set1_ps(W::scale(row, g)), mn = _mm256_set1_ps(W::min(row, g, K / kGroup));
+        for (int c = 0; c < 4; ++c) v[c] = _mm256_fmadd_ps(v[c], s, mn);
+      } else if constexpr (W::kScaled) {
         const __m256 s = _mm256_set1_ps(W::scale(row, g));
         for (int c = 0; c < 4; ++c) v[c] = _mm256_mul_ps(v[c], s);
       }
@@ -304,11 +357,19 @@ std::unique_ptr<uint16_t[]> stage_buffer(const W& w) {
 
 template <int kM, int kRows, class W>
 void run_fused(const W& w, const float* x, float* y, int64_t N) {
+  const int64_t groups = w.K / kGroup;
+  std::unique_ptr<float[]> xsum(W::kMin ? new float[kM * groups] : nullptr);
+  if constexpr (W::kMin)
+    for (int64_t i = 0; i < kM * groups; ++i) {
+      float t = 0.f;
+      for (int64_t k = 0; k < kGroup; ++k) t += x[i * kGroup + k];
+      xsum[i] = t;
+    }
   parallel_tiles((N + kRows - 1) / kRows, kM * N * w.K, [&](int64_t begin, int64_t end) {
     auto buf = stage_buffer<kRows>(w);
     for (int64_t t = begin; t < end; ++t)
       with_tile<kRows>(w, t * kRows, N, buf.get(),
-                       [&](const auto& v) { fused_tile<kM, kRows>(v, x, t * kRows, N, y); });
+                       [&](const auto& v) { fused_tile<kM, kRows>(v, x, xsum.get(), t * kRows, N, y); });
   });
 }
 
@@ -340,25 +401,27 @@ void run(const W& w, const float* x, float* y, int64_t M, int64_t N) {
   switch (M) {
     case 1: return run_fused<1, 4>(w, x, y, N);
     case 2: return run_fused<2, 4>(w, x, y, N);
-    case 3: return run_fused<3, 2>(w, x, y, N);
-    case 4: return run_fused<4, 2>(w, x, y, N);
+    // 4-bit decoding needs more registers than int8's: one output row at a time keeps it from spilling.
+    case 3: return W::kMin ? run_fused<3, 1>(w, x, y, N) : run_fused<3, 2>(w, x, y, N);
+    case 4: return W::kMin ? run_fused<4, 1>(w, x, y, N) : run_fused<4, 2>(w, x, y, N);
     default: return run_tiled(w, x, y, M, N);
   }
 }
 
 // ---------------------------------------------------------------------------------------------
 // One dense decoder layer (Llama / Mistral / Qwen2 / Qwen3 shape: RMSNorm, GQA attention with rotate-half rope
-// and optional QK-norm, SwiGLU MLP, int8 weights, fp32 activations and KV cache) for B rows x T new tokens, in
+// and optional QK-norm, SwiGLU MLP, int8 or 4-bit weights, fp32 activations and KV cache) for B rows x T new tokens, in
 // one call: a decode step of a small model otherwise spends more time dispatching the ~140 small PyTorch ops
 // between its four matmuls than in the matmuls. Same formulas, in the same order, as models/decoder.py.
 
+template <class W>  // the four matrices' weight format
 struct DenseLayer {
   int64_t H, n_heads, n_kv, D, inter, S, window;  // window 0: none
   bool causal;                                    // false: a step's tokens all see each other (a draft block)
   float eps, scale;
   const float *norm1, *norm2, *q_norm, *k_norm;   // q_norm / k_norm null: no QK-norm
   const float *cos, *sin;                         // [max_position, D]
-  Int8Weights qkv, o, gate_up, down;
+  W qkv, o, gate_up, down;
   float *keys, *values;                           // [B, n_kv, S, D], row 0 = the step's first row
 };
 
@@ -426,7 +489,8 @@ void rms_norm_rows(const float* x, const float* w, float* y, int64_t rows, int64
 }
 
 // In place on one head vector v[D] at `pos`: optional RMSNorm, then v*cos + rotate_half(v)*sin.
-void norm_and_rope(float* v, const DenseLayer& L, const float* norm, int64_t pos) {
+template <class L_>
+void norm_and_rope(float* v, const L_& L, const float* norm, int64_t pos) {
   const int64_t D = L.D, half = D / 2;
   if (norm != nullptr) rms_norm_rows(v, norm, v, 1, D, L.eps);
   const float* c = L.cos + pos * D;
@@ -437,7 +501,8 @@ void norm_and_rope(float* v, const DenseLayer& L, const float* norm, int64_t pos
   for (int64_t i = half; i < D; ++i) v[i] = tmp[i] * c[i] + tmp[i - half] * s[i];
 }
 
-void dense_layer(const DenseLayer& L, float* x, const int64_t* starts, int64_t B, int64_t T) {
+template <class W>
+void dense_layer(const DenseLayer<W>& L, float* x, const int64_t* starts, int64_t B, int64_t T) {
   const int64_t M = B * T, H = L.H, D = L.D, q_size = L.n_heads * D, kv_size = L.n_kv * D;
   const int64_t qkv_n = q_size + 2 * kv_size, group = L.n_heads / L.n_kv;
   std::unique_ptr<float[]> h(new float[M * std::max(H, L.inter)]), qkv(new float[M * qkv_n]),
@@ -542,6 +607,17 @@ PyObject* py_fp16_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   Py_RETURN_NONE;
 }
 
+// q4_linear(x, q, dm, out, M, N, K)
+PyObject* py_q4_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  int64_t a[7];
+  if (!parse_i64(args, nargs, 7, a)) return nullptr;
+  Py_BEGIN_ALLOW_THREADS
+  run(Q4Weights{ptr<const uint8_t>(a[1]), ptr<const uint16_t>(a[2]), a[6]}, ptr<const float>(a[0]), ptr<float>(a[3]),
+      a[4], a[5]);
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
 // mxfp4_linear(x, blocks, scales, out, M, N, K)
 PyObject* py_mxfp4_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   int64_t a[7];
@@ -553,33 +629,52 @@ PyObject* py_mxfp4_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   Py_RETURN_NONE;
 }
 
-// dense_layer(x, starts, B, T, H, n_heads, n_kv, D, inter, S, window, causal, norm1, norm2, q_norm, k_norm, cos,
-//             sin, qkv_q, qkv_s, o_q, o_s, gate_up_q, gate_up_s, down_q, down_s, keys, values, eps, scale)
-// (pointers as integers, 0 for no QK-norm; eps and scale as floats)
-PyObject* py_dense_layer(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  int64_t a[28];
-  if (nargs != 30) {
-    PyErr_Format(PyExc_TypeError, "dense_layer expects 30 arguments, got %zd", nargs);
-    return nullptr;
-  }
-  if (!parse_i64(args, 28, 28, a)) return nullptr;
-  const double eps = PyFloat_AsDouble(args[28]), scale = PyFloat_AsDouble(args[29]);
-  if (PyErr_Occurred()) return nullptr;
-  const int64_t H = a[4], n_heads = a[5], n_kv = a[6], D = a[7], inter = a[8];
-  if (D > 512 || D % 2 || n_kv <= 0 || n_heads % n_kv) {
-    PyErr_SetString(PyExc_ValueError, "dense_layer: unsupported head layout");
-    return nullptr;
-  }
-  DenseLayer L{H, n_heads, n_kv, D, inter, a[9], a[10], a[11] != 0, static_cast<float>(eps),
-               static_cast<float>(scale), ptr<const float>(a[12]), ptr<const float>(a[13]), ptr<const float>(a[14]),
-               ptr<const float>(a[15]), ptr<const float>(a[16]), ptr<const float>(a[17]),
-               Int8Weights{ptr<const int8_t>(a[18]), ptr<const float>(a[19]), H},
-               Int8Weights{ptr<const int8_t>(a[20]), ptr<const float>(a[21]), n_heads * D},
-               Int8Weights{ptr<const int8_t>(a[22]), ptr<const float>(a[23]), H},
-               Int8Weights{ptr<const int8_t>(a[24]), ptr<const float>(a[25]), inter},
-               ptr<float>(a[26]), ptr<float>(a[27])};
-  Py_BEGIN_ALLOW_THREADS
+// dense_layer(x, starts, B, T, H, n_heads, n_kv, D, inter, S, window, causal, format, norm1, norm2, q_norm, k_norm,
+//             cos, sin, qkv_a, qkv_b, o_a, o_b, gate_up_a, gate_up_b, down_a, down_b, keys, values, eps, scale)
+// (pointers as integers, 0 for no QK-norm; format 0: int8, a = qweight, b = scales; format 1: q4, a = q,
+// b = dm; eps and scale as floats)
+template <class W>
+W weights_at(int64_t a, int64_t b, int64_t K);
+template <>
+Int8Weights weights_at<Int8Weights>(int64_t a, int64_t b, int64_t K) {
+  return {ptr<const int8_t>(a), ptr<const float>(b), K};
+}
+template <>
+Q4Weights weights_at<Q4Weights>(int64_t a, int64_t b, int64_t K) {
+  return {ptr<const uint8_t>(a), ptr<const uint16_t>(b), K};
+}
+
+template <class W>
+void run_dense_layer(const int64_t* a, float eps, float scale) {
+  const int64_t H = a[4], n_heads = a[5], D = a[7], inter = a[8];
+  const DenseLayer<W> L{H, n_heads, a[6], D, inter, a[9], a[10], a[11] != 0, eps, scale,
+                        ptr<const float>(a[13]), ptr<const float>(a[14]), ptr<const float>(a[15]),
+                        ptr<const float>(a[16]), ptr<const float>(a[17]), ptr<const float>(a[18]),
+                        weights_at<W>(a[19], a[20], H), weights_at<W>(a[21], a[22], n_heads * D),
+                        weights_at<W>(a[23], a[24], H), weights_at<W>(a[25], a[26], inter),
+                        ptr<float>(a[27]), ptr<float>(a[28])};
   dense_layer(L, ptr<float>(a[0]), ptr<const int64_t>(a[1]), a[2], a[3]);
+}
+
+PyObject* py_dense_layer(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  int64_t a[29];
+  if (nargs != 31) {
+    PyErr_Format(PyExc_TypeError, "dense_layer expects 31 arguments, got %zd", nargs);
+    return nullptr;
+  }
+  if (!parse_i64(args, 29, 29, a)) return nullptr;
+  const double eps = PyFloat_AsDouble(args[29]), scale = PyFloat_AsDouble(args[30]);
+  if (PyErr_Occurred()) return nullptr;
+  const int64_t n_heads = a[5], n_kv = a[6], D = a[7];
+  if (D > 512 || D % 2 || n_kv <= 0 || n_heads % n_kv || (a[12] != 0 && a[12] != 1)) {
+    PyErr_SetString(PyExc_ValueError, "dense_layer: unsupported head layout or weight format");
+    return nullptr;
+  }
+  Py_BEGIN_ALLOW_THREADS
+  if (a[12] == 0)
+    run_dense_layer<Int8Weights>(a, static_cast<float>(eps), static_cast<float>(scale));
+  else
+    run_dense_layer<Q4Weights>(a, static_cast<float>(eps), static_cast<float>(scale));
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
 }
@@ -592,6 +687,7 @@ PyCFunction fastcall() {
 PyMethodDef kMethods[] = {
     {"int8_linear", fastcall<py_int8_linear>(), METH_FASTCALL, "int8_linear(x, qweight, scales, out, M, N, K)"},
     {"fp16_linear", fastcall<py_fp16_linear>(), METH_FASTCALL, "fp16_linear(x, weight, out, M, N, K)"},
+    {"q4_linear", fastcall<py_q4_linear>(), METH_FASTCALL, "q4_linear(x, q, dm, out, M, N, K)"},
     {"mxfp4_linear", fastcall<py_mxfp4_linear>(), METH_FASTCALL, "mxfp4_linear(x, blocks, scales, out, M, N, K)"},
     {"dense_layer", fastcall<py_dense_layer>(), METH_FASTCALL, "one dense decoder layer (see kernels/cpu_layer.py)"},
     {nullptr, nullptr, 0, nullptr}};
