@@ -521,9 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the break-even of the step costs timed at start-up (2 with --verify full); 0 = never")
     add_verify_flag(g)
     add_lookup_flag(g)
-    g.add_argument("--weights", choices=["auto", "fp32", "int8"], default="auto",
-                   help="dense weight format: auto (default) = on a CPU with the compiled kernel, the "
-                        "checkpoint's 4-bit matrices served 4-bit (lossless), the rest int8; int8 = int8 everywhere")
+    g.add_argument("--weights", choices=["auto", "fp32", "int8", "q4"], default="auto",
+                   help="dense weight format: auto (default) = int8 on a CPU with the compiled kernel; q4 = a "
+                        "Q4_1 GGUF's 4-bit matrices kept 4-bit (lossless, less memory, slower here), the rest int8")
     g.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
@@ -569,8 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "with --init-from without first undoing what the drafter knows")
     t.add_argument("--checkpoint-every", type=int, default=100)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--weights", choices=["auto", "fp32", "int8"], default="auto",
-                   help="target weights while distilling: serve-time format (auto = 4-bit / int8 on CPU)")
+    t.add_argument("--weights", choices=["auto", "fp32", "int8", "q4"], default="auto",
+                   help="target weights while distilling: serve-time format (auto = int8 on CPU)")
     t.add_argument("--init-from", default=None, metavar="DRAFTER",
                    help="start from this trained drafter .safetensors instead of the target's last layers")
     t.set_defaults(func=cmd_train_drafter)
@@ -593,9 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ultraspeed-model", default=None, metavar="CHECKPOINT",
                    help="MXFP4 checkpoint of the same model for the ultraspeed tier (from `ultraspeed qat` or "
                         "`ultraspeed quantize`); default: quantize the served model's experts at startup")
-    s.add_argument("--weights", choices=["auto", "fp32", "int8"], default="auto",
-                   help="dense weight format: auto (default) = on a CPU with the compiled kernel, the "
-                        "checkpoint's 4-bit matrices served 4-bit (lossless), the rest int8; int8 = int8 everywhere")
+    s.add_argument("--weights", choices=["auto", "fp32", "int8", "q4"], default="auto",
+                   help="dense weight format: auto (default) = int8 on a CPU with the compiled kernel; q4 = a "
+                        "Q4_1 GGUF's 4-bit matrices kept 4-bit (lossless, less memory, slower here), the rest int8")
     s.add_argument("--served-model-name", default=None, help="model id of the standard tier (default: from the "
                    "model file); the ultraspeed tier is '<name>-ultraspeed'")
     s.add_argument("--host", default="127.0.0.1")
@@ -645,8 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--split", choices=["eval", "train"], default="eval",
                     help="eval: held-out prompts (default); train: the drafter's training prompts (to see how much "
                     "of its acceptance is memorised)")
-    ba.add_argument("--weights", choices=["auto", "fp32", "int8"], default="auto",
-                    help="dense weight format of the target (auto: 4-bit / int8 on a CPU, as generate serves)")
+    ba.add_argument("--weights", choices=["auto", "fp32", "int8", "q4"], default="auto",
+                    help="dense weight format of the target (auto: int8 on a CPU, as generate serves)")
     ba.add_argument("--verify", choices=["adaptive", "full"], default="adaptive",
                     help="whole blocks are always measured (the drafter's acceptance); adaptive (default) also "
                     "times adaptive verification, as generate and serve run it")

@@ -10,9 +10,9 @@ from ultraspeed.quant.mxfp4 import quantize_mxfp4
 
 pytestmark = pytest.mark.skipif(not cg.is_available(), reason="cpu_gemm extension unavailable (see log)")
 
-# (M, N, K): M = 1 (gemv), 2..4 (fused small-M), >= 5 (tiled) incl. a remainder block; odd N, N < tile.
-SHAPES = [(1, 7, 32), (1, 577, 576), (2, 65, 64), (3, 33, 96), (4, 130, 1536), (5, 3, 64), (16, 577, 576),
-          (19, 101, 160)]
+# (M, N, K): M = 1 (gemv), 2..8 (fused small-M), >= 9 (tiled) incl. a remainder block; odd N, N < tile.
+SHAPES = [(1, 7, 32), (1, 577, 576), (2, 65, 64), (3, 33, 96), (4, 130, 1536), (5, 3, 64), (7, 33, 64), (8, 65, 96),
+          (16, 577, 576), (19, 101, 160)]
 
 
 def _assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:

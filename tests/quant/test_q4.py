@@ -1,6 +1,7 @@
 """A checkpoint whose matrices are 4-bit (a GGUF Q4_1 file, as the default model ships) is served in 4 bits
-without changing a number: `--weights auto` packs exactly those matrices with quant/q4.py, the fused CPU layers
-run them, and the hidden states match the fp32 PyTorch model's; anything else keeps int8."""
+without changing a number: `--weights q4` packs exactly those matrices with quant/q4.py, the fused CPU layers
+run them, and the hidden states match the fp32 PyTorch model's; the rest, and `auto`, keep int8; a checkpoint with
+no 4-bit matrix is refused rather than quantized."""
 
 from __future__ import annotations
 
@@ -49,10 +50,10 @@ def hidden_states(model, steps: list[list[int]]) -> list[torch.Tensor]:
 STEPS = [[3, 17, 42, 9, 100, 5, 6, 7], [11], [12], [1, 2, 3, 4, 5], [13]]
 
 
-def test_auto_serves_4bit_matrices_in_4bits_without_changing_the_model(four_bit_model, tmp_path):
+def test_q4_serves_4bit_matrices_in_4bits_without_changing_the_model(four_bit_model, tmp_path):
     import copy
     served = copy.deepcopy(four_bit_model)
-    assert apply_weight_format(served, "auto") == "q4+int8"
+    assert apply_weight_format(served, "q4") == "q4+int8"
     layer = served.layers[0]
     assert isinstance(layer, FusedDenseLayer) and layer._format == 1
     assert isinstance(layer.self_attn.qkv_proj, Q4Linear) and isinstance(layer.mlp.down_proj, Q4Linear)
@@ -61,11 +62,13 @@ def test_auto_serves_4bit_matrices_in_4bits_without_changing_the_model(four_bit_
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_int8_and_checkpoints_that_are_not_4bit_keep_int8(four_bit_model, tmp_path):
+def test_auto_and_int8_keep_int8_and_q4_refuses_a_checkpoint_with_no_4bit_matrix(four_bit_model, tmp_path):
     import copy
-    forced = copy.deepcopy(four_bit_model)
-    assert apply_weight_format(forced, "int8") == "int8"
-    assert isinstance(forced.layers[0].self_attn.qkv_proj, Int8Linear)
+    for fmt in ("int8", "auto"):
+        served = copy.deepcopy(four_bit_model)
+        assert apply_weight_format(served, fmt) == "int8"
+        assert isinstance(served.layers[0].self_attn.qkv_proj, Int8Linear)
     fine = ours_from_hf(hf_model("qwen3", seed=4), tmp_path)          # fp32 weights: 4 bits would lose
-    assert apply_weight_format(fine, "auto") == "int8"
-    assert not any(isinstance(m, Q4Linear) for m in fine.modules())
+    with pytest.raises(ValueError, match="none"):
+        apply_weight_format(fine, "q4")
+    assert not any(isinstance(m, (Q4Linear, Int8Linear)) for m in fine.modules())      # refused: nothing changed

@@ -1,7 +1,7 @@
 """`ultraspeed bench report`: proof of speed, every system side by side on the same machine, weights and prompts.
 
-Systems: our engine plain, with MXFP4 MLP/expert weights, with DFlash, and MXFP4 + DFlash (dense weights as the
-engine serves them by default on a CPU: the checkpoint's 4-bit matrices 4-bit, the rest int8); HF transformers `generate`, plain and with prompt-lookup assisted
+Systems: our engine plain, with MXFP4 MLP/expert weights, with DFlash, and MXFP4 + DFlash (dense weights int8
+on a CPU, as the engine serves by default); HF transformers `generate`, plain and with prompt-lookup assisted
 generation; llama.cpp through llama-cpp-python, plain and with prompt-lookup decoding. A system that cannot run
 here (a package not installed, no drafter, no GGUF file for the peers) is reported as missing, with the reason.
 
@@ -595,8 +595,8 @@ def format_markdown(report: dict) -> str:
               "- Every system runs alone in a fresh process. peak RSS: that process's peak resident memory "
               "(getrusage maxrss, loading included); extra: peak minus its resident memory after imports, before "
               "loading weights; RSS after: resident memory once measured (what serving holds).",
-              "- Ours: dense weights as the engine serves them on a CPU by default (the GGUF's Q4_1 matrices kept "
-              "4-bit, losslessly; the rest int8), MXFP4 on the MLP/expert weights where named; peers: the same GGUF file (HF transformers dequantizes it to fp32), prompt lookup drafting "
+              "- Ours: dense weights int8 on a CPU (the engine's default), MXFP4 on the MLP/expert weights where "
+              "named; peers: the same GGUF file (HF transformers dequantizes it to fp32), prompt lookup drafting "
               f"{PROMPT_LOOKUP_TOKENS} tokens.", ""]
     return "\n".join(lines)
 

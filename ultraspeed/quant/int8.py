@@ -46,28 +46,31 @@ def use_int8_weights(model: nn.Module) -> int:
     return len(swaps)
 
 
-WEIGHT_FORMATS = ("auto", "fp32", "int8")
+WEIGHT_FORMATS = ("auto", "fp32", "int8", "q4")
 COMPILED_FORMATS = ("int8", "q4+int8")      # what apply_weight_format returns when the CPU kernels serve
 
 
 def apply_weight_format(model: nn.Module, weights: str) -> str:
     """Serve `model` with dense weights as `weights` says; returns the format in effect ("checkpoint" or one of
-    COMPILED_FORMATS). "auto" on a CPU where the compiled kernel builds: matrices the checkpoint ships in 4 bits
-    stay 4-bit (quant/q4.py, lossless), the rest int8 ("q4+int8"; "int8" when none is 4-bit); elsewhere the
-    checkpoint's own precision. "int8": int8 everywhere."""
+    COMPILED_FORMATS). "auto": int8 on a CPU where the compiled kernel builds (the fastest here), else the
+    checkpoint's own precision. "q4": the matrices the checkpoint ships in 4 bits stay 4-bit (quant/q4.py,
+    lossless, ~45% fewer weight bytes), the rest int8."""
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"--weights must be one of {', '.join(WEIGHT_FORMATS)}")
     on_cpu = next(model.parameters()).device.type == "cpu"
     if weights == "fp32" or (weights == "auto" and not on_cpu):
         return "checkpoint"
     from ultraspeed.quant.q4 import use_q4_weights
-    four_bit = use_q4_weights(model) if weights == "auto" else 0
+    four_bit = use_q4_weights(model) if weights == "q4" else 0
+    if weights == "q4" and not four_bit and cpu_gemm.is_available():
+        raise ValueError("--weights q4 serves a checkpoint's 4-bit matrices (a Q4_1 GGUF) as they are; this "
+                         "model has none, and quantizing it to 4 bits would change it (use auto or int8)")
     if use_int8_weights(model) or four_bit:
         from ultraspeed.kernels.cpu_layer import fuse_dense_layers   # imports the model code, which imports us
         fuse_dense_layers(model)        # the glue between a layer's matmuls in one call too
         return "q4+int8" if four_bit else "int8"
-    if weights == "int8":
-        raise ValueError("--weights int8 needs the compiled CPU kernel (a C++ compiler) and a CPU model")
+    if weights != "auto":
+        raise ValueError(f"--weights {weights} needs the compiled CPU kernel (a C++ compiler) and a CPU model")
     return "checkpoint"
 
 
