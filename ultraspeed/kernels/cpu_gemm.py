@@ -332,17 +332,19 @@ def mxfp4_linear_ref(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor
 def dense_layer(x: torch.Tensor, starts: torch.Tensor, batch: int, tokens: int, hidden: int, heads: int,
                 kv_heads: int, head_dim: int, intermediate: int, cache_len: int, window: int, pointers: list[int],
                 keys_ptr: int, values_ptr: int, eps: float, scale: float, causal: bool = True,
-                weight_format: int = 0) -> None:
+                weight_format: int = 0, end: int | None = None) -> None:
     """In place on x [batch, tokens, hidden] (contiguous fp32): one decoder layer, the new keys/values written
     into the cache rows at `starts` [batch] (int64). `pointers`: the norm weights, QK-norm weights (0, 0 for
     none), the rope cos/sin tables and the four matrices (two pointers each: weight_pointers), all owned by the
     caller; `weight_format` 0: int8 matrices, 1: 4-bit. `causal=False`: a step's tokens all see each other (a
-    DFlash draft block) instead of only those before."""
+    DFlash draft block) instead of only those before. `end`: max(starts) + tokens where the caller knows it (a
+    decoder's StepContext does), which saves reading it back per layer."""
     if x.dtype != torch.float32 or not x.is_contiguous() or tuple(x.shape) != (batch, tokens, hidden):
         raise ValueError(f"x must be a contiguous float32 [{batch}, {tokens}, {hidden}] tensor")
     if starts.dtype != torch.int64 or not starts.is_contiguous() or starts.numel() != batch:
         raise ValueError(f"starts must be {batch} contiguous int64 values")
-    if int(starts.max()) + tokens > cache_len:
-        raise ValueError(f"positions up to {int(starts.max()) + tokens} exceed the cache of {cache_len}")
+    end = int(starts.max()) + tokens if end is None else end
+    if end > cache_len:
+        raise ValueError(f"positions up to {end} exceed the cache of {cache_len}")
     _kernels().dense_layer(x.data_ptr(), starts.data_ptr(), batch, tokens, hidden, heads, kv_heads, head_dim,
                            intermediate, cache_len, window, int(causal), weight_format, *pointers, keys_ptr, values_ptr, eps, scale)

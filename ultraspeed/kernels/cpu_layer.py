@@ -71,12 +71,13 @@ class FusedDenseLayer(DecoderLayer):
                 or self.input_layernorm.weight.data_ptr() != self._pointers[0]):
             return super().forward(x, step, cache, layer)
         B, T, _ = x.shape
-        out = torch.clone(x, memory_format=torch.contiguous_format)   # a captured layer output must not change
-        starts = step.starts.contiguous()
+        # In place: x is the previous layer's output or the embeddings, which nothing else holds (Decoder.forward
+        # copies the outputs it captures).
+        out = x if x.is_contiguous() else x.contiguous()
         row = step.first_row * keys.stride(0) * keys.element_size()    # the step's rows start here
-        cpu_gemm.dense_layer(out, starts, B, T, *self._shape, keys.shape[2], self._window, self._pointers,
+        cpu_gemm.dense_layer(out, step.starts, B, T, *self._shape, keys.shape[2], self._window, self._pointers,
                              keys.data_ptr() + row, values.data_ptr() + row, self._eps, self._scale,
-                             weight_format=self._format)
+                             weight_format=self._format, end=step.span)
         return out
 
 

@@ -210,7 +210,7 @@ class Decoder(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, step, cache, i)
             if i in capture_layers:
-                captured.append(x)
+                captured.append(x.clone())     # a copy: fused CPU layers (kernels/cpu_layer.py) update x in place
         cache.lengths[first_row:first_row + batch] += num_new
         return self.norm(x), captured
 
