@@ -1,8 +1,8 @@
 """The fused CPU decoder layer (kernels/cpu_layer.py, one C++ call per layer) computes what the PyTorch layer it
 replaces computes: the same logits to float rounding for decode steps, verify blocks and short prefills, rows at
 different lengths and rows past the first, sliding windows and QK-norm; the layer outputs a forward captures are
-not overwritten by later layers; greedy decoding gives the same tokens; and layers it does not support keep their
-PyTorch code."""
+not overwritten by later layers; greedy decoding gives the same tokens; an MXFP4 MLP beside int8 attention too;
+and layers it does not support keep their PyTorch code."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from ultraspeed.engine.generate import generate_plain
 from ultraspeed.engine.sampler import SamplingParams
 from ultraspeed.kernels import cpu_gemm
 from ultraspeed.kernels.cpu_layer import MAX_TOKENS, FusedDenseLayer, fuse_dense_layers
+from ultraspeed.quant.apply import quantize_experts
 from ultraspeed.quant.int8 import use_int8_weights
 
 pytest.importorskip("transformers")
@@ -29,7 +30,10 @@ def pair(tmp_path_factory):
 
     def get(arch: str):
         if arch not in made:
-            model = ours_from_hf(hf_model(arch, seed=3), tmp_path_factory.mktemp(arch))
+            base, _, mlp = arch.partition("+")
+            model = ours_from_hf(hf_model(base, seed=3), tmp_path_factory.mktemp(base))
+            if mlp == "mxfp4":
+                quantize_experts(model)          # the MLP packed in MXFP4, as the ultraspeed tier serves it
             use_int8_weights(model)
             fused = copy.deepcopy(model)
             assert fuse_dense_layers(fused) == model.config.num_layers
@@ -38,7 +42,8 @@ def pair(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral"])      # plain / QK-norm / sliding window of 7
+# plain / QK-norm / sliding window of 7 / int8 attention with an MXFP4 MLP
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral", "qwen3+mxfp4"])
 @torch.inference_mode()
 def test_fused_layers_match_the_pytorch_layers(pair, arch):
     model, fused = pair(arch)

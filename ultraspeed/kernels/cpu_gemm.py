@@ -276,11 +276,19 @@ def q4_linear_ref(x: torch.Tensor, packed: PackedQ4) -> torch.Tensor:
     return F.linear(x, dequantize_q4(packed))
 
 
-def weight_pointers(packed: PackedInt8 | PackedQ4) -> tuple[int, int, int]:
-    """(format code, first pointer, second pointer) of a packed matrix, as dense_layer takes them."""
+def weight_pointers(packed) -> tuple[str, int, int]:
+    """(format, first pointer, second pointer) of a packed matrix (PackedInt8, PackedQ4, or MXFP4 blocks and
+    scales as a tuple), as dense_layer takes them."""
     if isinstance(packed, PackedQ4):
-        return 1, packed.q.data_ptr(), packed.dm.data_ptr()
-    return 0, packed.qweight.data_ptr(), packed.scales.data_ptr()
+        return "q4", packed.q.data_ptr(), packed.dm.data_ptr()
+    if isinstance(packed, tuple):
+        _check_mxfp4(*packed)
+        return "mxfp4", packed[0].data_ptr(), packed[1].data_ptr()
+    return "int8", packed.qweight.data_ptr(), packed.scales.data_ptr()
+
+
+# dense_layer's weight_format: (attention matrices' format, MLP matrices' format) -> its code
+LAYER_FORMATS = {("int8", "int8"): 0, ("q4", "q4"): 1, ("int8", "mxfp4"): 2}
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,8 +344,8 @@ def dense_layer(x: torch.Tensor, starts: torch.Tensor, batch: int, tokens: int, 
     """In place on x [batch, tokens, hidden] (contiguous fp32): one decoder layer, the new keys/values written
     into the cache rows at `starts` [batch] (int64). `pointers`: the norm weights, QK-norm weights (0, 0 for
     none), the rope cos/sin tables and the four matrices (two pointers each: weight_pointers), all owned by the
-    caller; `weight_format` 0: int8 matrices, 1: 4-bit. `causal=False`: a step's tokens all see each other (a
-    DFlash draft block) instead of only those before. `end`: max(starts) + tokens where the caller knows it (a
+    caller; `weight_format`: LAYER_FORMATS[attention format, MLP format]. `causal=False`: a step's tokens all
+    see each other (a DFlash draft block) instead of only those before. `end`: max(starts) + tokens where the caller knows it (a
     decoder's StepContext does), which saves reading it back per layer."""
     if x.dtype != torch.float32 or not x.is_contiguous() or tuple(x.shape) != (batch, tokens, hidden):
         raise ValueError(f"x must be a contiguous float32 [{batch}, {tokens}, {hidden}] tensor")

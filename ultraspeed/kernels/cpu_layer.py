@@ -9,7 +9,8 @@ which stays the reference (tests/kernels/test_cpu_layer.py compares the two).
 
 Supported: Llama / Mistral / Qwen2-without-bias / Qwen3 layers (rotate-half rope over the whole head, optional
 QK-norm, optional sliding window, no sinks, no value scale), a dense SwiGLU MLP, the four projections int8
-(quant/int8.py) or all four 4-bit (quant/q4.py) without bias, fp32 activations and KV cache.
+(quant/int8.py), all four 4-bit (quant/q4.py), or int8 attention with an MXFP4 MLP (quant/apply.py), without
+bias, fp32 activations and KV cache.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 from ultraspeed.kernels import cpu_gemm
 from ultraspeed.models.decoder import Attention, Decoder, DecoderLayer, StepContext
 from ultraspeed.models.moe import DenseMLP
+from ultraspeed.quant.apply import MXFP4Linear
 from ultraspeed.quant.int8 import Int8Linear
 from ultraspeed.quant.q4 import Q4Linear
 
@@ -32,10 +34,26 @@ def supports(layer: nn.Module, model: Decoder) -> bool:
         return False
     linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
     cos, _ = model.rope_tables[attn.layer_type]
-    one_format = all(isinstance(m, Int8Linear) for m in linears) or all(isinstance(m, Q4Linear) for m in linears)
-    return (one_format and all(m.bias is None for m in linears) and attn.sinks is None
+    formats = (_format(attn.qkv_proj), _format(attn.o_proj)), (_format(mlp.gate_up_proj), _format(mlp.down_proj))
+    one_each = formats[0][0] == formats[0][1] and formats[1][0] == formats[1][1]
+    return (one_each and (formats[0][0], formats[1][0]) in cpu_gemm.LAYER_FORMATS
+            and all(m.bias is None for m in linears) and attn.sinks is None
             and attn.value_scale == 1.0 and attn.v_head_dim == attn.head_dim and cos.shape[-1] == attn.head_dim
             and model.dtype == torch.float32)
+
+
+def _format(linear: nn.Module) -> str | None:
+    if isinstance(linear, Int8Linear):
+        return "int8"
+    if isinstance(linear, Q4Linear):
+        return "q4"
+    if isinstance(linear, MXFP4Linear) and linear.use_kernel:
+        return "mxfp4"
+    return None
+
+
+def _packed(linear: nn.Module):
+    return (linear.weight_blocks, linear.weight_scales) if isinstance(linear, MXFP4Linear) else linear.packed
 
 
 class FusedDenseLayer(DecoderLayer):
@@ -50,12 +68,12 @@ class FusedDenseLayer(DecoderLayer):
         norms = [self.input_layernorm.weight, self.post_attention_layernorm.weight]
         qk_norms = [attn.q_norm.weight, attn.k_norm.weight] if attn.q_norm is not None else []
         self._tensors = norms + qk_norms + list(self._rope)
-        packed = [m.packed for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+        packed = [_packed(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
         self._shape = (c.hidden_size, attn.num_heads, attn.num_kv_heads, attn.head_dim,
                        mlp.down_proj.in_features)
         self._window = window
         formats_and_pointers = [cpu_gemm.weight_pointers(w) for w in packed]
-        self._format = formats_and_pointers[0][0]          # one format for the four (supports() checked)
+        self._format = cpu_gemm.LAYER_FORMATS[formats_and_pointers[0][0], formats_and_pointers[2][0]]
         self._pointers = ([t.data_ptr() for t in norms] + ([t.data_ptr() for t in qk_norms] or [0, 0])
                           + [t.data_ptr() for t in self._rope] + [p for _, *ps in formats_and_pointers for p in ps])
         self._eps, self._scale = float(self.input_layernorm.eps), float(attn.scale)

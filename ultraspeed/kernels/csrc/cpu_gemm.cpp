@@ -416,18 +416,19 @@ void run(const W& w, const float* x, float* y, int64_t M, int64_t N) {
 
 // ---------------------------------------------------------------------------------------------
 // One dense decoder layer (Llama / Mistral / Qwen2 / Qwen3 shape: RMSNorm, GQA attention with rotate-half rope
-// and optional QK-norm, SwiGLU MLP, int8 or 4-bit weights, fp32 activations and KV cache) for B rows x T new tokens, in
+// and optional QK-norm, SwiGLU MLP, int8 or 4-bit weights or an MXFP4 MLP, fp32 activations and KV cache) for B rows x T new tokens, in
 // one call: a decode step of a small model otherwise spends more time dispatching the ~140 small PyTorch ops
 // between its four matmuls than in the matmuls. Same formulas, in the same order, as models/decoder.py.
 
-template <class W>  // the four matrices' weight format
+template <class WA, class WM>  // weight formats of the attention and the MLP matrices
 struct DenseLayer {
   int64_t H, n_heads, n_kv, D, inter, S, window;  // window 0: none
   bool causal;                                    // false: a step's tokens all see each other (a draft block)
   float eps, scale;
   const float *norm1, *norm2, *q_norm, *k_norm;   // q_norm / k_norm null: no QK-norm
   const float *cos, *sin;                         // [max_position, D]
-  W qkv, o, gate_up, down;
+  WA qkv, o;
+  WM gate_up, down;
   float *keys, *values;                           // [B, n_kv, S, D], row 0 = the step's first row
 };
 
@@ -507,8 +508,8 @@ void norm_and_rope(float* v, const L_& L, const float* norm, int64_t pos) {
   for (int64_t i = half; i < D; ++i) v[i] = tmp[i] * c[i] + tmp[i - half] * s[i];
 }
 
-template <class W>
-void dense_layer(const DenseLayer<W>& L, float* x, const int64_t* starts, int64_t B, int64_t T) {
+template <class WA, class WM>
+void dense_layer(const DenseLayer<WA, WM>& L, float* x, const int64_t* starts, int64_t B, int64_t T) {
   const int64_t M = B * T, H = L.H, D = L.D, q_size = L.n_heads * D, kv_size = L.n_kv * D;
   const int64_t qkv_n = q_size + 2 * kv_size, group = L.n_heads / L.n_kv;
   std::unique_ptr<float[]> h(new float[M * std::max(H, L.inter)]), qkv(new float[M * qkv_n]),
@@ -637,8 +638,8 @@ PyObject* py_mxfp4_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 
 // dense_layer(x, starts, B, T, H, n_heads, n_kv, D, inter, S, window, causal, format, norm1, norm2, q_norm, k_norm,
 //             cos, sin, qkv_a, qkv_b, o_a, o_b, gate_up_a, gate_up_b, down_a, down_b, keys, values, eps, scale)
-// (pointers as integers, 0 for no QK-norm; format 0: int8, a = qweight, b = scales; format 1: q4, a = q,
-// b = dm; eps and scale as floats)
+// (pointers as integers, 0 for no QK-norm; format 0: int8 (a = qweight, b = scales), 1: q4 (a = q, b = dm),
+// 2: int8 attention and MXFP4 MLP (a = blocks, b = scales); eps and scale as floats)
 template <class W>
 W weights_at(int64_t a, int64_t b, int64_t K);
 template <>
@@ -650,14 +651,19 @@ Q4Weights weights_at<Q4Weights>(int64_t a, int64_t b, int64_t K) {
   return {ptr<const uint8_t>(a), ptr<const uint16_t>(b), K};
 }
 
-template <class W>
+template <>
+Mxfp4Weights weights_at<Mxfp4Weights>(int64_t a, int64_t b, int64_t K) {
+  return {ptr<const uint8_t>(a), ptr<const uint8_t>(b), K};
+}
+
+template <class WA, class WM>
 void run_dense_layer(const int64_t* a, float eps, float scale) {
   const int64_t H = a[4], n_heads = a[5], D = a[7], inter = a[8];
-  const DenseLayer<W> L{H, n_heads, a[6], D, inter, a[9], a[10], a[11] != 0, eps, scale,
+  const DenseLayer<WA, WM> L{H, n_heads, a[6], D, inter, a[9], a[10], a[11] != 0, eps, scale,
                         ptr<const float>(a[13]), ptr<const float>(a[14]), ptr<const float>(a[15]),
                         ptr<const float>(a[16]), ptr<const float>(a[17]), ptr<const float>(a[18]),
-                        weights_at<W>(a[19], a[20], H), weights_at<W>(a[21], a[22], n_heads * D),
-                        weights_at<W>(a[23], a[24], H), weights_at<W>(a[25], a[26], inter),
+                        weights_at<WA>(a[19], a[20], H), weights_at<WA>(a[21], a[22], n_heads * D),
+                        weights_at<WM>(a[23], a[24], H), weights_at<WM>(a[25], a[26], inter),
                         ptr<float>(a[27]), ptr<float>(a[28])};
   dense_layer(L, ptr<float>(a[0]), ptr<const int64_t>(a[1]), a[2], a[3]);
 }
@@ -672,15 +678,17 @@ PyObject* py_dense_layer(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const double eps = PyFloat_AsDouble(args[29]), scale = PyFloat_AsDouble(args[30]);
   if (PyErr_Occurred()) return nullptr;
   const int64_t n_heads = a[5], n_kv = a[6], D = a[7];
-  if (D > 512 || D % 2 || n_kv <= 0 || n_heads % n_kv || (a[12] != 0 && a[12] != 1)) {
+  if (D > 512 || D % 2 || n_kv <= 0 || n_heads % n_kv || a[12] < 0 || a[12] > 2) {
     PyErr_SetString(PyExc_ValueError, "dense_layer: unsupported head layout or weight format");
     return nullptr;
   }
   Py_BEGIN_ALLOW_THREADS
-  if (a[12] == 0)
-    run_dense_layer<Int8Weights>(a, static_cast<float>(eps), static_cast<float>(scale));
-  else
-    run_dense_layer<Q4Weights>(a, static_cast<float>(eps), static_cast<float>(scale));
+  const float e = static_cast<float>(eps), sc = static_cast<float>(scale);
+  switch (a[12]) {
+    case 0: run_dense_layer<Int8Weights, Int8Weights>(a, e, sc); break;
+    case 1: run_dense_layer<Q4Weights, Q4Weights>(a, e, sc); break;
+    default: run_dense_layer<Int8Weights, Mxfp4Weights>(a, e, sc); break;
+  }
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
 }
