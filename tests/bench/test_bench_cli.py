@@ -48,10 +48,10 @@ def test_bench_acceptance_json(capsys, tmp_path):
         assert 0 <= a["mean_drafts_verified"] <= int(block) - 1 and a["tokens_per_s"] > 0
         assert r["mean_drafts_verified"] == int(block) - 1
         # As generate serves: lookup drafts where the context repeats; the whole-block runs never use them.
-        assert r["lookup_step_share"] == 0 and 0 <= r["lookup"]["lookup_step_share"] <= 1
-        assert r["gave_up"] == 0 and r["lookup"]["gave_up"] in (0, 1)     # only the served mode gives up
+        assert r["lookup_step_share"] == 0 and 0 <= r["served"]["lookup_step_share"] <= 1
+        assert r["gave_up"] == 0 and r["served"]["gave_up"] in (0, 1)     # only the served mode gives up
         # After the first token: decode speed beside whole-reply speed, its speed-up against plain's decode speed.
-        for mode in (r, a, r["lookup"]):
+        for mode in (r, a, r["served"]):
             assert mode["median_ttft_s"] > 0 and mode["decode_tokens_per_s"] > 0
             assert mode["decode_speedup_vs_plain"] == pytest.approx(
                 mode["decode_tokens_per_s"] / report["results"]["math"]["plain_decode_tokens_per_s"], rel=0.02)
@@ -77,7 +77,7 @@ def test_bench_acceptance_verify_full_and_no_lookup_skip_their_runs(capsys, tmp_
     assert main(["bench", "acceptance", "--drafter", str(path), "--domains", "math", "--block-sizes", "4",
                  "--prompts", "1", "--max-tokens", "3", "--threads", "1", "--no-lookup", "--json"]) == 0
     blocks = json.loads(capsys.readouterr().out)["results"]["math"]["blocks"]["4"]
-    assert "adaptive" in blocks and "lookup" not in blocks
+    assert "adaptive" in blocks and "served" not in blocks
 
 
 def test_bench_acceptance_split_train_measures_the_training_prompts(capsys, tmp_path, monkeypatch):

@@ -78,7 +78,7 @@ def run_acceptance_bench(loaded, drafter: DFlashDrafter, cfg: AcceptanceConfig) 
     # Every timed configuration: plain decoding, then each block size in each mode (name, verify, lookup,
     # min_accepted: 0 never gives up on the drafter; the served mode gives up as generate does).
     modes = ([("full", "full", False, 0.0)] + ([("adaptive", "adaptive", False, 0.0)] if cfg.adaptive else [])
-             + ([("lookup", "adaptive" if cfg.adaptive else "full", True, served_min_accepted(cfg.adaptive))]
+             + ([("served", "adaptive" if cfg.adaptive else "full", True, served_min_accepted(cfg.adaptive))]
                 if cfg.lookup else []))
     configs = [(None, None)] + [(b, mode) for b in cfg.block_sizes for mode in modes]   # block None: plain
     drafters = {b: with_block_size(drafter, b) for b in cfg.block_sizes}
@@ -158,7 +158,7 @@ def format_table(report: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for domain, r in report["results"].items():
         for block, b in r["blocks"].items():
-            a, lk = b.get("adaptive"), b.get("lookup")
+            a, lk = b.get("adaptive"), b.get("served")
             adaptive = (f"{a['mean_accepted']}, {a['mean_drafts_verified']}, {a['tokens_per_s']}, "
                         f"{a['speedup_vs_plain']}x" if a else "-")
             lookup = (f"{lk['mean_accepted']}, {lk['lookup_step_share']:.0%}, {lk['gave_up']}, {lk['tokens_per_s']}, "
