@@ -47,7 +47,8 @@ def _format(linear: nn.Module) -> str | None:
         return "int8"
     if isinstance(linear, Q4Linear):
         return "q4"
-    if isinstance(linear, MXFP4Linear) and linear.use_kernel:
+    if (isinstance(linear, MXFP4Linear) and linear.use_kernel and linear.weight_blocks.is_cpu
+            and linear.weight_blocks.is_contiguous() and linear.weight_scales.is_contiguous()):
         return "mxfp4"
     return None
 
