@@ -35,7 +35,6 @@ class FusedDraftLayers:
         self._shape = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size)
         self._window, self._causal = c.window or 0, c.causal_in_block
         self._eps, self._scale = float(c.rms_eps), float(c.head_dim ** -0.5)
-        self._first_norm = drafter.layers[0].input_layernorm.weight
         self._rope = (drafter.rope_cos.contiguous(), drafter.rope_sin.contiguous())
         self._packed, self._pointers = [], []       # the packed matrices are held here so the pointers stay valid
         for layer in drafter.layers:
@@ -59,13 +58,13 @@ class FusedDraftLayers:
 
     def accepts(self, drafter, x: torch.Tensor, draft_cache, block: int) -> bool:
         """Whether this call can take the fused path (else the PyTorch layers run): a CPU fp32 block, a
-        contiguous fp32 draft cache with room for the block, and parameters still where they were when built
-        (a dtype or device round trip re-allocates them)."""
+        contiguous fp32 draft cache with room for the block, positions within the rope table, and parameters
+        still where they were when built (a dtype or device round trip re-allocates them)."""
         keys = draft_cache.keys[0]
-        b = x.shape[0]
+        end = int(draft_cache.lengths[:x.shape[0]].max()) + block
         return (x.dtype == torch.float32 and x.device.type == "cpu" and keys.dtype == torch.float32
                 and all(k.is_contiguous() and v.is_contiguous() for k, v in zip(draft_cache.keys, draft_cache.values))
-                and int(draft_cache.lengths[:b].max()) + block <= keys.shape[2]
+                and end <= keys.shape[2] and end <= self._rope[0].shape[0]
                 and [layer.input_layernorm.weight.data_ptr() for layer in drafter.layers] == self._norm_pointers)
 
     def __call__(self, x: torch.Tensor, draft_cache, starts: torch.Tensor) -> torch.Tensor:
