@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ultraspeed.engine.sampler import SamplingParams, make_generator, sample, token_distribution
+from ultraspeed.engine.sampler import SamplingParams, draw, make_generator, sample, token_distribution
 
 
 def test_greedy_is_argmax():
@@ -21,6 +21,35 @@ def test_top_p_keeps_smallest_prefix_reaching_p():
     p = token_distribution(probs.log(), SamplingParams(temperature=1.0, top_p=0.75))
     assert (p > 0).tolist() == [True, True, False, False]
     torch.testing.assert_close(p, torch.tensor([0.625, 0.375, 0.0, 0.0]))
+
+
+def full_sort_top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The nucleus by sorting the whole vocabulary: the definition nucleus_candidates must reproduce."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs
+    kept = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(mass_before >= top_p, 0.0))
+    return kept / kept.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("spread", [8.0, 0.05], ids=["peaked", "nearly-flat"])   # flat: the candidates widen
+def test_top_p_over_a_large_vocabulary_matches_sorting_all_of_it(spread):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 49152, generator=g) * spread
+    for top_p in (0.5, 0.9, 0.999):
+        got = token_distribution(logits, SamplingParams(temperature=1.0, top_p=top_p))
+        torch.testing.assert_close(got, full_sort_top_p(torch.softmax(logits, -1), top_p))
+
+
+def test_draw_follows_the_probabilities_and_never_draws_a_zero():
+    probs = torch.tensor([0.0, 0.2, 0.0, 0.5, 0.3, 0.0]).expand(30000, 6)
+    tokens = draw(probs, make_generator(3))
+    assert tokens.shape == (30000,)
+    freq = torch.bincount(tokens, minlength=6).float() / len(tokens)
+    assert freq[[0, 2, 5]].sum() == 0
+    torch.testing.assert_close(freq, probs[0], atol=0.012, rtol=0)
+    unnormalized = torch.tensor([[0.0, 2.0, 6.0]]).expand(20000, 3)          # draw normalizes
+    freq = torch.bincount(draw(unnormalized, make_generator(4)), minlength=3).float() / 20000
+    torch.testing.assert_close(freq, torch.tensor([0.0, 0.25, 0.75]), atol=0.012, rtol=0)
 
 
 def test_temperature_sharpens():

@@ -27,7 +27,7 @@ import torch
 from ultraspeed.engine.generate import GenerationStats, check_prompt_fits, prefill, take_committed
 from ultraspeed.engine.kv_cache import KVCache
 from ultraspeed.engine.lookup_draft import NgramIndex, lookup_confidence
-from ultraspeed.engine.sampler import SamplingParams, make_generator, sample, token_distribution
+from ultraspeed.engine.sampler import SamplingParams, draw, make_generator, sample, token_distribution
 from ultraspeed.engine.verify_length import StepCost, choose_verify_length
 from ultraspeed.models.decoder import Decoder
 from ultraspeed.models.dflash import DFlashDrafter, block_mask
@@ -134,11 +134,11 @@ def accept_sampling(drafts: torch.Tensor, logits: torch.Tensor, params: Sampling
     p = probs[torch.arange(b, device=probs.device), accepted]                   # distribution of the bonus token
     # A rejected d is resampled from p without d: the residual max(p - q, 0) for q = delta_d.
     if slots == 0:                                                              # nothing was drafted
-        return accepted.long(), torch.multinomial(p, 1, generator=generator).view(-1)
+        return accepted.long(), draw(p, generator)
     rejected = (accepted < slots).view(-1, 1)
     rejected_token = drafts.gather(1, accepted.clamp(max=slots - 1).view(-1, 1))
     p = torch.where(rejected, p.scatter(1, rejected_token, 0.0), p)
-    bonus = torch.multinomial(p / p.sum(-1, keepdim=True), 1, generator=generator).view(-1)
+    bonus = draw(p, generator)                                                  # draw normalizes
     return accepted.long(), bonus
 
 
