@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -442,6 +443,10 @@ def ultraspeed_tier_model(loaded, checkpoint: str | None):
     return fast
 
 
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import torch
     from ultraspeed.drafters import drafter_for
@@ -453,7 +458,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ultraspeed.server.verifier import VerifierConfig
     from ultraspeed.parallel import ParallelPlan, follow, lead, shard_for_this_rank, shutdown
 
-    torch.set_num_threads(args.threads) if args.threads else None
+    # The engines decode on threads of their own, each with its share of the cores. This thread stays on one:
+    # libgomp stops spinning between parallel regions once it manages more threads than there are cores, and
+    # a team of this thread's (loading would make one) beside an engine's doubled the engine's decode step.
+    cores = args.threads or available_cores()
+    torch.set_num_threads(1)
     limits = LimitsConfig(api_keys=load_api_keys(args.api_keys_file), max_queued_per_key=args.max_queued_per_key,
                           session_seconds=args.session_minutes * 60,
                           request_seconds=args.request_minutes * 60, idle_seconds=args.idle_minutes * 60)
@@ -489,7 +498,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         prices=Prices(args.price_input, args.price_output), limits=limits,
         verifier=VerifierConfig(enabled=args.enable_verifier, timeout_s=args.verifier_timeout),
         drain_seconds=args.drain_seconds, min_accepted=min_accepted_for(args, args.verify == "adaptive"),
-        adaptive_verify=args.verify == "adaptive", lookup=not args.no_lookup)
+        adaptive_verify=args.verify == "adaptive", lookup=not args.no_lookup,
+        engine_threads=max(1, cores // (2 if fast is not None else 1)))
     how = ", ".join(["MXFP4 experts" if fast is not None else "original experts",
                      "DFlash speculative" if drafter is not None else "plain decoding (no drafter)"])
     print(f"ultraspeed: serving {config.model_name} and {config.model_name}-ultraspeed ({how}) at "
@@ -620,7 +630,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--verifier-timeout", type=float, default=5.0, help="seconds per candidate")
     s.add_argument("--drain-seconds", type=float, default=60.0, help="on SIGTERM/SIGINT: time in-flight requests "
                    "get to finish")
-    s.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    s.add_argument("--threads", type=int, default=0,
+                   help="CPU threads, shared by the engines (default: every core available to the process)")
     add_device_flag(s)
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_parallel_flags(s)

@@ -233,3 +233,37 @@ def test_a_failing_forward_ends_its_requests_with_an_error_and_the_engine_keeps_
         assert c.tokens == [ord(x) for x in "babab"] and c.final.finish_reason == "length"
     finally:
         engine.stop()
+
+
+def test_the_engine_decodes_and_times_its_step_costs_with_its_own_threads(tiny, monkeypatch):
+    """EngineConfig.threads applies on the engine's thread, where the step costs for adaptive verification are
+    timed too: a decode thread beside an OpenMP team of the caller's ran twice as slow (libgomp stops spinning
+    once it manages more threads than cores), so the server keeps the main thread on one."""
+    import torch
+
+    import ultraspeed.engine.scheduler as scheduler
+    timed_on = []
+    real = scheduler.measure_step_cost
+
+    def recording(*args):
+        timed_on.append((threading.current_thread().name, torch.get_num_threads()))
+        return real(*args)
+
+    monkeypatch.setattr(scheduler, "measure_step_cost", recording)
+    engine = Engine(tiny.model, EngineConfig(groups=GROUPS, max_len=128, threads=1), tiny.drafter)
+    assert timed_on == []                                     # nothing timed on the caller's thread
+    engine.start()
+    seen = []
+    collector = Collector()
+
+    def on_update(update):
+        seen.append(torch.get_num_threads())
+        collector(update)
+
+    try:
+        engine.submit([EngineRequest([5, 6, 7], SamplingParams(max_tokens=4, ignore_eos=True), on_update,
+                                     group="ultraspeed")])
+        assert collector.done.wait(60) and collector.final.error is None
+    finally:
+        engine.stop()
+    assert timed_on == [("ultraspeed-engine", 1)] and set(seen) == {1}

@@ -78,6 +78,8 @@ class EngineConfig:
     # Speculative rows whose last tokens recur in their context draft what followed them (prompt lookup,
     # engine/lookup_draft.py) instead of the drafter's block. Output is the same either way.
     lookup: bool = False
+    # CPU threads the engine's own thread computes with (torch.set_num_threads there; 0 leaves torch's default).
+    threads: int = 0
 
 
 @dataclass
@@ -273,14 +275,15 @@ class Engine:
         self.groups = {g.name: g for g in config.groups}
         self.context_limit = min(config.max_len, model.config.max_position)
         spec_rows = sum(g.max_running for g in config.groups if g.speculative) if drafter is not None else 0
-        step_cost = measure_step_cost(model, drafter) if spec_rows and config.adaptive_verify else None
         # Every group may land in the plain lane (speculative requests near the context end do), so it has a row
         # for every running slot: admission then only ever checks group capacity.
         self._plain = _PlainLane(model, sum(g.max_running for g in config.groups), self.context_limit,
-                                 config.prefill_chunk, drafter.config.block_size - 1 if spec_rows else 0, step_cost)
+                                 config.prefill_chunk, drafter.config.block_size - 1 if spec_rows else 0)
         self._spec = (_SpeculativeLane(model, drafter, spec_rows, self.context_limit, config.prefill_chunk,
-                                       step_cost, config.lookup)
+                                       lookup=config.lookup)
                       if spec_rows else None)
+        # Step costs for adaptive verification are timed on the engine's thread, with the threads it decodes with.
+        self._time_step_costs = bool(spec_rows and config.adaptive_verify)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._queued = 0                     # submitted, not yet admitted nor ended (bounded by max_queue)
@@ -364,7 +367,14 @@ class Engine:
     # -- engine thread ---------------------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
         with torch.inference_mode():
+            if self._time_step_costs:
+                try:
+                    self._plain.step_cost = self._spec.step_cost = measure_step_cost(self.model, self.drafter)
+                except Exception:       # serve anyway: whole blocks are exact too, only slower on a CPU
+                    log.exception("timing the step costs failed: verifying whole blocks")
             while True:
                 idle = not (self._waiting or self._running)
                 self._handle_commands(block=idle and self._stop_mode is None)

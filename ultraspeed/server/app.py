@@ -68,6 +68,7 @@ class ServerConfig:
                                           # None = the break-even of the measured step costs
     adaptive_verify: bool = True          # verify only the drafts worth their time (EngineConfig.adaptive_verify)
     lookup: bool = True                   # lookup drafts where the context repeats (EngineConfig.lookup)
+    engine_threads: int = 0               # CPU threads of each engine's thread (EngineConfig.threads)
 
     def __post_init__(self) -> None:
         if min(self.standard_max_running, self.ultraspeed_max_running, self.max_queue, self.max_n) < 1:
@@ -115,7 +116,8 @@ def build_state(model, tokenizer: Tokenizer, drafter, config: ServerConfig, ultr
     def engine(target, tiers: tuple[Tier, ...], with_drafter) -> Engine:
         return Engine(target, EngineConfig(groups=tuple(t.group() for t in tiers), max_len=config.max_len,
                                            max_queue=config.max_queue, min_accepted=config.min_accepted,
-                                           adaptive_verify=config.adaptive_verify, lookup=config.lookup),
+                                           adaptive_verify=config.adaptive_verify, lookup=config.lookup,
+                                           threads=config.engine_threads),
                       with_drafter)
     if ultraspeed_model is None:
         shared = engine(model, (standard, ultraspeed), drafter)
