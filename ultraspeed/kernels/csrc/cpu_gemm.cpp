@@ -416,9 +416,10 @@ void run(const W& w, const float* x, float* y, int64_t M, int64_t N) {
 
 // ---------------------------------------------------------------------------------------------
 // One dense decoder layer (Llama / Mistral / Qwen2 / Qwen3 shape: RMSNorm, GQA attention with rotate-half rope
-// and optional QK-norm, SwiGLU MLP, int8 or 4-bit weights or an MXFP4 MLP, fp32 activations and KV cache) for B rows x T new tokens, in
-// one call: a decode step of a small model otherwise spends more time dispatching the ~140 small PyTorch ops
-// between its four matmuls than in the matmuls. Same formulas, in the same order, as models/decoder.py.
+// and optional QK-norm, SwiGLU MLP, int8 or 4-bit weights or an MXFP4 MLP, fp32 activations and KV cache) for
+// B rows x T new tokens, in one call: a decode step of a small model otherwise spends more time dispatching the
+// ~140 small PyTorch ops between its four matmuls than in the matmuls. Same formulas, in the same order, as
+// models/decoder.py.
 
 template <class WA, class WM>  // weight formats of the attention and the MLP matrices
 struct DenseLayer {
@@ -593,13 +594,31 @@ T* ptr(int64_t p) {
   return reinterpret_cast<T*>(static_cast<uintptr_t>(p));
 }
 
-// int8_linear(x, qweight, scales, out, M, N, K)
-PyObject* py_int8_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+// A weight format from its two pointers (as integers) and K: the matmul entry points and dense_layer build theirs
+// with it.
+template <class W>
+W weights_at(int64_t a, int64_t b, int64_t K);
+template <>
+Int8Weights weights_at<Int8Weights>(int64_t a, int64_t b, int64_t K) {
+  return {ptr<const int8_t>(a), ptr<const float>(b), K};
+}
+template <>
+Q4Weights weights_at<Q4Weights>(int64_t a, int64_t b, int64_t K) {
+  return {ptr<const uint8_t>(a), ptr<const uint16_t>(b), K};
+}
+template <>
+Mxfp4Weights weights_at<Mxfp4Weights>(int64_t a, int64_t b, int64_t K) {
+  return {ptr<const uint8_t>(a), ptr<const uint8_t>(b), K};
+}
+
+// int8_linear(x, qweight, scales, out, M, N, K), q4_linear(x, q, dm, out, M, N, K),
+// mxfp4_linear(x, blocks, scales, out, M, N, K)
+template <class W>
+PyObject* py_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   int64_t a[7];
   if (!parse_i64(args, nargs, 7, a)) return nullptr;
   Py_BEGIN_ALLOW_THREADS
-  run(Int8Weights{ptr<const int8_t>(a[1]), ptr<const float>(a[2]), a[6]}, ptr<const float>(a[0]), ptr<float>(a[3]),
-      a[4], a[5]);
+  run(weights_at<W>(a[1], a[2], a[6]), ptr<const float>(a[0]), ptr<float>(a[3]), a[4], a[5]);
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
 }
@@ -614,57 +633,19 @@ PyObject* py_fp16_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   Py_RETURN_NONE;
 }
 
-// q4_linear(x, q, dm, out, M, N, K)
-PyObject* py_q4_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  int64_t a[7];
-  if (!parse_i64(args, nargs, 7, a)) return nullptr;
-  Py_BEGIN_ALLOW_THREADS
-  run(Q4Weights{ptr<const uint8_t>(a[1]), ptr<const uint16_t>(a[2]), a[6]}, ptr<const float>(a[0]), ptr<float>(a[3]),
-      a[4], a[5]);
-  Py_END_ALLOW_THREADS
-  Py_RETURN_NONE;
-}
-
-// mxfp4_linear(x, blocks, scales, out, M, N, K)
-PyObject* py_mxfp4_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  int64_t a[7];
-  if (!parse_i64(args, nargs, 7, a)) return nullptr;
-  Py_BEGIN_ALLOW_THREADS
-  run(Mxfp4Weights{ptr<const uint8_t>(a[1]), ptr<const uint8_t>(a[2]), a[6]}, ptr<const float>(a[0]),
-      ptr<float>(a[3]), a[4], a[5]);
-  Py_END_ALLOW_THREADS
-  Py_RETURN_NONE;
-}
-
 // dense_layer(x, starts, B, T, H, n_heads, n_kv, D, inter, S, window, causal, format, norm1, norm2, q_norm, k_norm,
 //             cos, sin, qkv_a, qkv_b, o_a, o_b, gate_up_a, gate_up_b, down_a, down_b, keys, values, eps, scale)
 // (pointers as integers, 0 for no QK-norm; format 0: int8 (a = qweight, b = scales), 1: q4 (a = q, b = dm),
 // 2: int8 attention and MXFP4 MLP (a = blocks, b = scales); eps and scale as floats)
-template <class W>
-W weights_at(int64_t a, int64_t b, int64_t K);
-template <>
-Int8Weights weights_at<Int8Weights>(int64_t a, int64_t b, int64_t K) {
-  return {ptr<const int8_t>(a), ptr<const float>(b), K};
-}
-template <>
-Q4Weights weights_at<Q4Weights>(int64_t a, int64_t b, int64_t K) {
-  return {ptr<const uint8_t>(a), ptr<const uint16_t>(b), K};
-}
-
-template <>
-Mxfp4Weights weights_at<Mxfp4Weights>(int64_t a, int64_t b, int64_t K) {
-  return {ptr<const uint8_t>(a), ptr<const uint8_t>(b), K};
-}
-
 template <class WA, class WM>
 void run_dense_layer(const int64_t* a, float eps, float scale) {
   const int64_t H = a[4], n_heads = a[5], D = a[7], inter = a[8];
   const DenseLayer<WA, WM> L{H, n_heads, a[6], D, inter, a[9], a[10], a[11] != 0, eps, scale,
-                        ptr<const float>(a[13]), ptr<const float>(a[14]), ptr<const float>(a[15]),
-                        ptr<const float>(a[16]), ptr<const float>(a[17]), ptr<const float>(a[18]),
-                        weights_at<WA>(a[19], a[20], H), weights_at<WA>(a[21], a[22], n_heads * D),
-                        weights_at<WM>(a[23], a[24], H), weights_at<WM>(a[25], a[26], inter),
-                        ptr<float>(a[27]), ptr<float>(a[28])};
+                             ptr<const float>(a[13]), ptr<const float>(a[14]), ptr<const float>(a[15]),
+                             ptr<const float>(a[16]), ptr<const float>(a[17]), ptr<const float>(a[18]),
+                             weights_at<WA>(a[19], a[20], H), weights_at<WA>(a[21], a[22], n_heads * D),
+                             weights_at<WM>(a[23], a[24], H), weights_at<WM>(a[25], a[26], inter),
+                             ptr<float>(a[27]), ptr<float>(a[28])};
   dense_layer(L, ptr<float>(a[0]), ptr<const int64_t>(a[1]), a[2], a[3]);
 }
 
@@ -699,10 +680,12 @@ PyCFunction fastcall() {
 }
 
 PyMethodDef kMethods[] = {
-    {"int8_linear", fastcall<py_int8_linear>(), METH_FASTCALL, "int8_linear(x, qweight, scales, out, M, N, K)"},
+    {"int8_linear", fastcall<py_linear<Int8Weights>>(), METH_FASTCALL,
+     "int8_linear(x, qweight, scales, out, M, N, K)"},
     {"fp16_linear", fastcall<py_fp16_linear>(), METH_FASTCALL, "fp16_linear(x, weight, out, M, N, K)"},
-    {"q4_linear", fastcall<py_q4_linear>(), METH_FASTCALL, "q4_linear(x, q, dm, out, M, N, K)"},
-    {"mxfp4_linear", fastcall<py_mxfp4_linear>(), METH_FASTCALL, "mxfp4_linear(x, blocks, scales, out, M, N, K)"},
+    {"q4_linear", fastcall<py_linear<Q4Weights>>(), METH_FASTCALL, "q4_linear(x, q, dm, out, M, N, K)"},
+    {"mxfp4_linear", fastcall<py_linear<Mxfp4Weights>>(), METH_FASTCALL,
+     "mxfp4_linear(x, blocks, scales, out, M, N, K)"},
     {"dense_layer", fastcall<py_dense_layer>(), METH_FASTCALL, "one dense decoder layer (see kernels/cpu_layer.py)"},
     {nullptr, nullptr, 0, nullptr}};
 
