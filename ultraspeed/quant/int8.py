@@ -15,22 +15,40 @@ from ultraspeed.kernels import cpu_gemm
 from ultraspeed.models.layers import Linear
 
 
-class Int8Linear(nn.Module):
-    def __init__(self, linear: Linear, keep_weight: bool = False) -> None:
+class PackedLinear(nn.Module):
+    """A Linear whose weight is packed for a compiled CPU matmul (`kernel(x, packed)`, fp32 in and out)."""
+
+    kernel = None
+
+    def __init__(self, linear: Linear, packed, weight: torch.Tensor | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = cpu_gemm.pack_int8(linear.weight.detach())
+        self.packed = packed
         self.bias = linear.bias
-        # The LM head's fp32 rows stay reachable for the drafter's draft-vocabulary head (shared with the
-        # embedding when the model ties them, so usually free).
-        self.weight = linear.weight if keep_weight else None
+        self.weight = weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:     # the usual case: no conversions to dispatch
-            y = cpu_gemm.int8_linear(x, self.packed)
+            y = self.kernel(x, self.packed)
         else:
-            y = cpu_gemm.int8_linear(x.float(), self.packed).to(x.dtype)
+            y = self.kernel(x.float(), self.packed).to(x.dtype)
         return y + self.bias if self.bias is not None else y
+
+
+class Int8Linear(PackedLinear):
+    kernel = staticmethod(cpu_gemm.int8_linear)
+
+    def __init__(self, linear: Linear, keep_weight: bool = False) -> None:
+        # The LM head's fp32 rows stay reachable for the drafter's draft-vocabulary head (shared with the
+        # embedding when the model ties them, so usually free).
+        super().__init__(linear, cpu_gemm.pack_int8(linear.weight.detach()), linear.weight if keep_weight else None)
+
+
+def dense_linears(model: nn.Module) -> list[tuple[nn.Module, str, Linear]]:
+    """(parent, name, Linear) for every CPU Linear a packed format can take (K a multiple of the group size)."""
+    return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+            if isinstance(child, Linear) and child.weight.device.type == "cpu"
+            and child.in_features % cpu_gemm.GROUP == 0]
 
 
 def use_int8_weights(model: nn.Module) -> int:
@@ -38,9 +56,7 @@ def use_int8_weights(model: nn.Module) -> int:
     Does nothing (returns 0) where the compiled kernel is unavailable."""
     if not cpu_gemm.is_available():
         return 0
-    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-             if isinstance(child, Linear) and child.weight.device.type == "cpu"
-             and child.in_features % cpu_gemm.GROUP == 0]
+    swaps = dense_linears(model)
     for parent, name, child in swaps:
         setattr(parent, name, Int8Linear(child, keep_weight=name == "lm_head"))
     return len(swaps)

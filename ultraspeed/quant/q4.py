@@ -9,27 +9,14 @@ checkpoint) are left alone: quantizing them to 4 bits would change the model, wh
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ultraspeed.kernels import cpu_gemm
-from ultraspeed.models.layers import Linear
+from ultraspeed.quant.int8 import PackedLinear, dense_linears
 
 
-class Q4Linear(nn.Module):
-    def __init__(self, linear: Linear, packed: cpu_gemm.PackedQ4) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = packed
-        self.bias = linear.bias
-        self.weight = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            y = cpu_gemm.q4_linear(x, self.packed)
-        else:
-            y = cpu_gemm.q4_linear(x.float(), self.packed).to(x.dtype)
-        return y + self.bias if self.bias is not None else y
+class Q4Linear(PackedLinear):
+    kernel = staticmethod(cpu_gemm.q4_linear)
 
 
 def use_q4_weights(model: nn.Module) -> int:
@@ -37,12 +24,9 @@ def use_q4_weights(model: nn.Module) -> int:
     reads its fp32 rows); returns how many were swapped. Nothing where the compiled kernel is unavailable."""
     if not cpu_gemm.is_available():
         return 0
-    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-             if isinstance(child, Linear) and child.weight.device.type == "cpu" and name != "lm_head"
-             and child.in_features % cpu_gemm.GROUP == 0]
     swapped = 0
-    for parent, name, child in swaps:
-        packed = cpu_gemm.pack_q4(child.weight)
+    for parent, name, child in dense_linears(model):
+        packed = cpu_gemm.pack_q4(child.weight) if name != "lm_head" else None
         if packed is not None:
             setattr(parent, name, Q4Linear(child, packed))
             swapped += 1
