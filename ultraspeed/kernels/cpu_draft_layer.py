@@ -2,11 +2,12 @@
 
 A draft layer is a decoder layer whose queries are the block (anchor + mask slots) and whose keys are the
 committed context's, already in the draft cache (engine/speculative.append_context), followed by the block's
-own, which the block sees bidirectionally (or causally, as the drafter's config says). That is what dense_layer computes when it writes the block's keys and
-values into the draft cache right after each row's context (positions start..start+B-1, past the row's length:
-the cache's contract already treats them as stale, and the next append_context overwrites them) and lets every
-token of the step see all of the step's keys. So each row attends exactly its own context, with no padding to the
-longest row and no mask tensor, and a 2-layer draft of a block of 8 becomes 2 calls instead of ~150 small ops.
+own, which the block sees bidirectionally (or causally, as the drafter's config says). That is what dense_layer
+computes when it writes the block's keys and values into the draft cache right after each row's context
+(positions start..start+B-1, past the row's length: the cache's contract already treats them as stale, and the
+next append_context overwrites them) and lets every token of the step see all of the step's keys. So each row
+attends exactly its own context, with no padding to the longest row and no mask tensor, and a 2-layer draft of a
+block of 8 becomes 2 calls instead of ~150 small ops.
 
 Built by quant/int8.match_drafter_weights once the drafter's linears are int8: q/k/v and gate/up are concatenated
 into one matrix each (int8 scales are per output row and 32 inputs, so concatenating rows changes no number).
@@ -44,7 +45,7 @@ class FusedDraftLayers:
             norms = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
                      layer.q_norm.weight, layer.k_norm.weight]
             self._pointers.append([t.data_ptr() for t in norms] + [t.data_ptr() for t in self._rope]
-                                  + [p for w in packed for p in (w.qweight.data_ptr(), w.scales.data_ptr())])
+                                  + [p for w in packed for p in cpu_gemm.weight_pointers(w)[1:]])
         self._norm_pointers = [p[0] for p in self._pointers]
 
     @staticmethod

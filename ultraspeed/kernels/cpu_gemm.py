@@ -345,8 +345,8 @@ def dense_layer(x: torch.Tensor, starts: torch.Tensor, batch: int, tokens: int, 
     into the cache rows at `starts` [batch] (int64). `pointers`: the norm weights, QK-norm weights (0, 0 for
     none), the rope cos/sin tables and the four matrices (two pointers each: weight_pointers), all owned by the
     caller; `weight_format`: LAYER_FORMATS[attention format, MLP format]. `causal=False`: a step's tokens all
-    see each other (a DFlash draft block) instead of only those before. `end`: max(starts) + tokens where the caller knows it (a
-    decoder's StepContext does), which saves reading it back per layer."""
+    see each other (a DFlash draft block) instead of only those before. `end`: max(starts) + tokens where the
+    caller knows it (a decoder's StepContext does), which saves reading it back per layer."""
     if x.dtype != torch.float32 or not x.is_contiguous() or tuple(x.shape) != (batch, tokens, hidden):
         raise ValueError(f"x must be a contiguous float32 [{batch}, {tokens}, {hidden}] tensor")
     if starts.dtype != torch.int64 or not starts.is_contiguous() or starts.numel() != batch:
@@ -355,4 +355,5 @@ def dense_layer(x: torch.Tensor, starts: torch.Tensor, batch: int, tokens: int, 
     if end > cache_len:
         raise ValueError(f"positions up to {end} exceed the cache of {cache_len}")
     _kernels().dense_layer(x.data_ptr(), starts.data_ptr(), batch, tokens, hidden, heads, kv_heads, head_dim,
-                           intermediate, cache_len, window, int(causal), weight_format, *pointers, keys_ptr, values_ptr, eps, scale)
+                           intermediate, cache_len, window, int(causal), weight_format, *pointers, keys_ptr,
+                           values_ptr, eps, scale)
