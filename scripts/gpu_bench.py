@@ -529,6 +529,7 @@ def run_case(case: Case, batches: list[int], context: int, steps: int, profile_s
              rows: list[dict] | None = None, notes: list[str] | None = None) -> list[dict]:
     """Rows go into `rows` as they are measured (so a later failure keeps them). With `notes`, a measurement
     that fails (a graph capture, say) is noted there and the others still run; without, it raises."""
+    from ultraspeed.engine.sampler import SamplingParams
     from ultraspeed.runtime.backend import choose_backend
     from ultraspeed.runtime.graphs import CapturedStep, load_rows
     from ultraspeed.runtime.static_step import DecodeStep, SpeculativeStep
@@ -548,26 +549,33 @@ def run_case(case: Case, batches: list[int], context: int, steps: int, profile_s
         cache, draft_cache, tokens, lengths = random_start(case, b, context, max_len)
         fp = footprint(model, drafter, cache, draft_cache)
 
-        modes: list[tuple[str, Any]] = [("plain", DecodeStep(model, cache, b, backend)),
-                                        ("speculative", SpeculativeStep(model, drafter, cache, draft_cache, b,
-                                                                        backend))]
-        for mode, step in modes:
+        # The sampled steps (temperature 0.8, top-p 0.95, as chat clients ask) are timed captured only: what
+        # sampling inside the graph adds to a step.
+        modes: list[tuple[str, Any, tuple[bool, ...]]] = [
+            ("plain", DecodeStep(model, cache, b, backend), graph_modes),
+            ("speculative", SpeculativeStep(model, drafter, cache, draft_cache, b, backend), graph_modes),
+            ("plain, sampled", DecodeStep(model, cache, b, backend, sampling=True), graph_modes[-1:]),
+            ("speculative, sampled", SpeculativeStep(model, drafter, cache, draft_cache, b, backend, sampling=True),
+             graph_modes[-1:])]
+        for mode, step, graphs_for_mode in modes:
+            if step.sampling is not None:
+                step.sampling.load([SamplingParams(temperature=0.8, top_p=0.95)] * b, list(range(b)))
             T = step.num_new
             load_rows(step, tokens, lengths)
             active = count_active_experts(model, step.step)
             load_rows(step, tokens, lengths)
-            bytes_ = step_bytes(fp, sum(active), b, context, T, speculative=mode == "speculative")
+            bytes_ = step_bytes(fp, sum(active), b, context, T, speculative=mode.startswith("speculative"))
 
             def readback(out):          # plain: next tokens; speculative: the [b, B+1] result
                 return out[0].cpu()
 
-            for graph in graph_modes:
+            for graph in graphs_for_mode:
                 try:
                     load_rows(step, tokens, lengths)
                     run = CapturedStep(step, enabled=graph) if graph else step.step
                     times = warm_then_time(step, run, readback, tokens, lengths, steps)
                     accepted = []
-                    if mode == "speculative":
+                    if mode.startswith("speculative"):
                         load_rows(step, tokens, lengths)
                         for _ in range(min(steps, 8)):
                             result = readback(run())

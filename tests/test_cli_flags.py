@@ -5,7 +5,7 @@ import argparse
 
 import pytest
 
-from ultraspeed.cli import build_parser, main, min_accepted_for, train_config
+from ultraspeed.cli import build_parser, main, min_accepted_for, pick_runtime, train_config
 from ultraspeed.train.drafter import TrainConfig
 
 
@@ -29,8 +29,25 @@ def test_min_accepted_takes_a_number_and_refuses_words(capsys):
 
 
 def test_serve_has_the_same_flags():
-    args = build_parser().parse_args(["serve", "--verify", "full", "--min-accepted", "auto"])
+    args = build_parser().parse_args(["serve", "--verify", "full", "--min-accepted", "auto", "--runtime", "static"])
     assert isinstance(args, argparse.Namespace) and args.verify == "full" and args.min_accepted is None
+    assert args.runtime == "static" and build_parser().parse_args(["serve"]).runtime == "auto"
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_static_runtime_refuses_sharding_before_loading_anything(command, capsys):
+    argv = [command, *(["hi"] if command == "generate" else []), "--model", "/no/such/model", "--runtime", "static",
+            "--ep", "2"]
+    assert main(argv) == 2
+    assert "--runtime static runs on one device" in capsys.readouterr().err
+
+
+def test_auto_runtime_is_static_on_one_gpu_only():
+    import torch
+    assert pick_runtime("auto", torch.device("cuda"), sharded=False) == "static"
+    assert pick_runtime("auto", torch.device("cuda"), sharded=True) == "dynamic"
+    assert pick_runtime("auto", torch.device("cpu"), sharded=False) == "dynamic"
+    assert pick_runtime("static", torch.device("cpu"), sharded=False) == "static"
 
 
 @pytest.mark.parametrize("bad", ["0", "1", "1.5", "half"])

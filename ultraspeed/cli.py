@@ -136,12 +136,25 @@ def add_device_flag(p: argparse.ArgumentParser) -> None:
                         "with --tp/--ep each rank takes its own")
 
 
-def pick_runtime(requested: str, device, greedy: bool, sharded: bool) -> str:
-    """--runtime: auto = the static, graph-captured step for greedy decoding on a GPU, the dynamic engine
-    elsewhere (it samples, drafts by lookup and verifies adaptively; a CPU gains nothing from capture)."""
+def add_runtime_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runtime", choices=["auto", "dynamic", "static"], default="auto",
+                   help="static: preallocated decode steps, captured as CUDA graphs on a GPU and replayed every "
+                        "step (whole blocks, lookup drafts, greedy or sampled inside the graph); dynamic: the "
+                        "engine that verifies only the drafts worth their time; auto (default): static on one "
+                        "GPU, dynamic elsewhere")
+
+
+def pick_runtime(requested: str, device, sharded: bool) -> str:
+    """--runtime: auto = the static, graph-captured step on one GPU, the dynamic engine elsewhere (it verifies
+    adaptively and gives up on a drafter that does not pay: what a CPU needs, and it gains nothing from capture)."""
     if requested == "auto":
-        return "static" if device.type == "cuda" and greedy and not sharded else "dynamic"
+        return "static" if device.type == "cuda" and not sharded else "dynamic"
     return requested
+
+
+def refuse_static_sharding(args: argparse.Namespace) -> None:
+    if args.runtime == "static" and (args.tp > 1 or args.ep > 1):
+        raise UltraSpeedError("--runtime static runs on one device: drop --tp and --ep")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -150,10 +163,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads) if args.threads else None
     ParallelPlan(args.tp, args.ep)             # refuse impossible flags before the (long) load
-    sharded = args.tp > 1 or args.ep > 1
-    if args.runtime == "static" and (args.temperature > 0 or sharded):
-        raise UltraSpeedError("--runtime static decodes greedily on one device: drop --temperature, --tp and --ep")
-    loaded = load_on_device(args.model, args.device, sharded)
+    refuse_static_sharding(args)
+    loaded = load_on_device(args.model, args.device, args.tp > 1 or args.ep > 1)
     # Under torchrun every rank runs the same loop in lockstep; rank 0 alone writes the stream and the stats.
     env = shard_for_this_rank(loaded.model, args.tp, args.ep)
     try:
@@ -183,7 +194,7 @@ def _generate(args: argparse.Namespace, loaded: LoadedModel, env: DistEnv | None
     stream = TextStream(tok, params.stop)
     drafter_path = None if args.no_spec else drafter_for(args.model, args.drafter)
     device = loaded.model.embed_tokens.weight.device
-    runtime = pick_runtime(args.runtime, device, params.greedy, env is not None)
+    runtime = pick_runtime(args.runtime, device, env is not None)
     drafter = None
     if drafter_path is not None:
         from ultraspeed.models.dflash import load_drafter
@@ -193,7 +204,8 @@ def _generate(args: argparse.Namespace, loaded: LoadedModel, env: DistEnv | None
         drafter = served_block(drafter, args.block_size, loaded.model)
     if runtime == "static":
         from ultraspeed.runtime.loop import generate_static
-        tokens = generate_static(loaded.model, prompt_ids, params, tok.stop_token_ids, drafter, stats)
+        tokens = generate_static(loaded.model, prompt_ids, params, tok.stop_token_ids, drafter, stats,
+                                 lookup=not args.no_lookup)
     elif drafter is not None:
         from ultraspeed.engine.speculative import generate_speculative
         from ultraspeed.engine.verify_length import measure_step_cost
@@ -467,6 +479,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           session_seconds=args.session_minutes * 60,
                           request_seconds=args.request_minutes * 60, idle_seconds=args.idle_minutes * 60)
     ParallelPlan(args.tp, args.ep)             # refuse impossible flags before the (long) load
+    refuse_static_sharding(args)
     loaded = load_on_device(args.model, args.device, args.tp > 1 or args.ep > 1)
     env = shard_for_this_rank(loaded.model, args.tp, args.ep)
     if env is not None and not env.is_main:
@@ -499,7 +512,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         verifier=VerifierConfig(enabled=args.enable_verifier, timeout_s=args.verifier_timeout),
         drain_seconds=args.drain_seconds, min_accepted=min_accepted_for(args, args.verify == "adaptive"),
         adaptive_verify=args.verify == "adaptive", lookup=not args.no_lookup,
-        engine_threads=max(1, cores // (2 if fast is not None else 1)))
+        engine_threads=max(1, cores // (2 if fast is not None else 1)),
+        runtime=pick_runtime(args.runtime, loaded.model.embed_tokens.weight.device, env is not None))
     how = ", ".join(["MXFP4 experts" if fast is not None else "original experts",
                      "DFlash speculative" if drafter is not None else "plain decoding (no drafter)"])
     print(f"ultraspeed: serving {config.model_name} and {config.model_name}-ultraspeed ({how}) at "
@@ -538,10 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     add_device_flag(g)
-    g.add_argument("--runtime", choices=["auto", "dynamic", "static"], default="auto",
-                   help="static: one preallocated decode step, captured as a CUDA graph on a GPU and replayed every "
-                        "step (greedy; whole blocks; no lookup drafts); dynamic: the engine that samples, drafts by "
-                        "lookup and verifies adaptively; auto (default): static for greedy decoding on a GPU")
+    add_runtime_flag(g)
     add_parallel_flags(g)
     add_sampling_flags(g)
     g.set_defaults(func=cmd_generate)
@@ -597,6 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_verify_flag(s)
     add_lookup_flag(s)
     add_block_size_flag(s)
+    add_runtime_flag(s)
     s.add_argument("--ultraspeed-experts", choices=["mxfp4", "original"], default="mxfp4",
                    help="expert weights of the ultraspeed tier (mxfp4: its own engine and weights; for a dense "
                         "model the MLP is the expert)")

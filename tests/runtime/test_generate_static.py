@@ -12,7 +12,6 @@ from tests.helpers import char_tokenizer, hf_model, ours_from_hf, save_checkpoin
 from ultraspeed.cli import main
 from ultraspeed.engine.generate import GenerationStats, generate_plain
 from ultraspeed.engine.sampler import SamplingParams
-from ultraspeed.errors import UltraSpeedError
 from ultraspeed.models.dflash import DFlashConfig, DFlashDrafter, init_random, save_drafter
 from ultraspeed.runtime.loop import generate_static
 
@@ -54,11 +53,6 @@ def test_a_stop_token_ends_static_generation(target):
     assert got == truth[:truth.index(stop) + 1] and stats.finish_reason == "stop"
 
 
-def test_static_generation_is_greedy_only(target):
-    with pytest.raises(UltraSpeedError, match="greedily"):
-        next(generate_static(target, PROMPT, SamplingParams(temperature=0.8)))
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, target):
     directory = save_checkpoint(hf_model("qwen3", seed=5), tmp_path_factory.mktemp("cli"))
@@ -80,8 +74,8 @@ def test_generate_runtime_static_prints_what_the_dynamic_runtime_prints(checkpoi
     assert outputs["static"] == outputs["dynamic"] and outputs["static"].strip()
 
 
-def test_runtime_static_refuses_sampling_before_loading_anything(capsys):
-    assert main(["generate", "hi", "--model", "/no/such/model", "--runtime", "static", "--temperature", "0.7"]) == 2
+def test_runtime_static_refuses_sharding_before_loading_anything(capsys):
+    assert main(["generate", "hi", "--model", "/no/such/model", "--runtime", "static", "--tp", "2"]) == 2
     assert "--runtime static" in capsys.readouterr().err
 
 
@@ -92,3 +86,18 @@ def test_near_the_context_end_static_generation_decodes_plainly(target):
     params = SamplingParams(max_tokens=5, ignore_eos=True)
     got = sum(generate_static(target, prompt, params, drafter=make_drafter(target)), [])
     assert got == sum(generate_plain(target, prompt, params), []) and len(got) == 2
+
+
+def test_generate_runtime_static_samples_reproducibly(checkpoint, capsys):
+    """`--runtime static --temperature` samples in the static step: the same seed prints the same text, another
+    seed another text."""
+    common = ["generate", "The quick brown fox", "--model", str(checkpoint), "--raw", "--max-tokens", "16",
+              "--drafter", str(checkpoint / "drafter.safetensors"), "--threads", "1", "--runtime", "static",
+              "--temperature", "1.0"]
+    outputs = []
+    for seed in ("1", "1", "2"):
+        assert main([*common, "--seed", seed]) == 0
+        captured = capsys.readouterr()
+        assert json.loads(captured.err.strip().splitlines()[-1])["runtime"] == "static"
+        outputs.append(captured.out)
+    assert outputs[0] == outputs[1] and outputs[0] != outputs[2]

@@ -258,11 +258,12 @@ def test_steps_run_on_the_meta_device(models, arch):
     cache = model.new_cache(2, 32)
     draft_cache = speculative.new_draft_cache(drafter, 2, 32)
     assert cache.keys[0].is_meta and draft_cache.keys[0].is_meta
-    next_tokens, logits = DecodeStep(model, cache, 2).step()
-    assert logits.is_meta and logits.shape == (2, model.config.vocab_size)
-    step = SpeculativeStep(model, drafter, cache, draft_cache, 2)
-    result, logits = step.step()
-    assert result.shape == (2, drafter.config.block_size + 1) and result.is_meta
+    for sampling in (False, True):
+        next_tokens, logits = DecodeStep(model, cache, 2, sampling=sampling).step()
+        assert logits.is_meta and logits.shape == (2, model.config.vocab_size) and next_tokens.shape == (2,)
+        step = SpeculativeStep(model, drafter, cache, draft_cache, 2, sampling=sampling)
+        result, logits = step.step()
+        assert result.shape == (2, drafter.config.block_size + 1) and result.is_meta
 
 
 def test_meta_device_catches_host_reads(models):

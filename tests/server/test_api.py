@@ -139,3 +139,23 @@ def test_models_health_metrics_openapi_and_playground(server):
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert "/v1/chat/completions" in page.text and "tokens/s" in page.text
     assert not re.search(r'(src|href)=["\']?(https?:)?//', page.text), "the playground must not load external files"
+
+
+def test_static_runtime_serves_both_tiers(tiny):
+    """A server whose engine runs on the static steps (ServerConfig.runtime, `serve --runtime static`): greedy
+    answers of both tiers are exactly single-sequence greedy, streamed or not, and seeded sampling repeats."""
+    from tests.server.conftest import run_server
+    with run_server(tiny.model, tiny.tokenizer, tiny.drafter, runtime="static") as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        want = expected(tiny, chat_ids(tiny, "Static"), 12)[1]
+        msgs = [{"role": "user", "content": "Static"}]
+        for model in TIERS:
+            got = client.chat.completions.create(model=model, messages=msgs, max_tokens=12, temperature=0)
+            assert got.choices[0].message.content == want
+            chunks = client.chat.completions.create(model=model, messages=msgs, max_tokens=12, temperature=0,
+                                                    stream=True)
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+            a, b = (client.chat.completions.create(model=model, messages=msgs, max_tokens=8, temperature=1.0,
+                                                   seed=3).choices[0].message.content for _ in range(2))
+            assert a == b
+        assert server.state.engines["standard"].config.runtime == "static"

@@ -267,3 +267,72 @@ def test_the_engine_decodes_and_times_its_step_costs_with_its_own_threads(tiny, 
     finally:
         engine.stop()
     assert timed_on == [("ultraspeed-engine", 1)] and set(seen) == {1}
+
+
+# ------------------------------------------------------------------------------------------ static runtime
+
+
+def static_engine(tiny, **kw):
+    config = EngineConfig(groups=GROUPS, max_len=128, max_queue=16, runtime="static", **kw)
+    return Engine(tiny.model, config, tiny.drafter).start()
+
+
+def test_static_runtime_lanes_match_single_sequence_greedy(tiny):
+    """runtime="static" (what a GPU serves with, captured as CUDA graphs; eager here): both lanes replay the
+    static step of their batch bucket while requests join and leave mid-flight (9 requests through 3 + 2 slots),
+    some of them with repetitive prompts that draft by lookup, and produce exactly single-sequence greedy."""
+    engine = static_engine(tiny, lookup=True)
+    try:
+        params = SamplingParams(max_tokens=14, ignore_eos=True)
+        ps = prompts(7) + [[5, 9, 13, 5, 9, 13, 5, 9], [77, 3, 77, 3, 77]]
+        groups = ["standard", "ultraspeed"] * 3 + ["standard", "ultraspeed", "ultraspeed"]
+        got = run(engine, [EngineRequest(p, params, None, group=g) for p, g in zip(ps, groups)])
+        for c, p in zip(got, ps):
+            assert c.tokens == sum(generate_plain(tiny.model, p, params), []) and c.final.finish_reason == "length"
+        spec = [c.final.stats for c, g in zip(got, groups) if g == "ultraspeed"]
+        assert all(set(s.drafts_verified) == {tiny.drafter.config.block_size - 1} for s in spec)
+        assert sum(s.lookup_steps for s in spec) > 0
+        plain, spec = engine._plain.runner.graphs.steps, engine._spec.runner.graphs.steps
+        assert plain and spec and not any(key[2] for key in [*plain, *spec])       # greedy steps only
+        assert {key[0] for key in plain} <= {1, 2, 4, 5} and {key[:2] for key in spec} <= {(1, 4), (2, 4)}
+    finally:
+        engine.stop()
+
+
+def test_static_runtime_samples_reproducibly_beside_greedy_rows(tiny):
+    """Sampled rows get the sampled step (a seeded request gives the same tokens alone and in a batch: its
+    uniforms hash its seed and positions); greedy rows beside them stay exactly greedy."""
+    engine = static_engine(tiny)
+    try:
+        p = prompts(3)
+        sampled = SamplingParams(temperature=0.9, max_tokens=10, seed=11, ignore_eos=True)
+        greedy = SamplingParams(max_tokens=10, ignore_eos=True)
+        for group in ("standard", "ultraspeed"):
+            together = run(engine, [EngineRequest(p[0], sampled, None, group=group),
+                                    EngineRequest(p[1], greedy, None, group=group)])
+            alone = run(engine, [EngineRequest(p[0], sampled, None, group=group)])
+            assert together[0].tokens == alone[0].tokens and len(alone[0].tokens) == 10
+            assert together[1].tokens == sum(generate_plain(tiny.model, p[1], greedy), [])
+            other = run(engine, [EngineRequest(p[0], SamplingParams(temperature=0.9, max_tokens=10, seed=12,
+                                                                    ignore_eos=True), None, group=group)])
+            assert other[0].tokens != alone[0].tokens
+        assert any(key[2] for key in engine._spec.runner.graphs.steps)
+    finally:
+        engine.stop()
+
+
+def test_static_runtime_moves_unhelped_requests_to_the_plain_lane(tiny):
+    engine = static_engine(tiny, min_accepted=100.0, probe_steps=3)
+    try:
+        params = SamplingParams(max_tokens=20, ignore_eos=True)
+        ps = prompts(2)
+        got = run(engine, [EngineRequest(p, params, None, group="ultraspeed") for p in ps])
+    finally:
+        engine.stop()
+    for c, p in zip(got, ps):
+        assert c.tokens == sum(generate_plain(tiny.model, p, params), []) and c.final.stats.plain_after == 3
+
+
+def test_unknown_runtime_is_refused():
+    with pytest.raises(ValueError, match="runtime"):
+        EngineConfig(runtime="graphs")

@@ -89,13 +89,20 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One index per row of probs [..., V], with probability proportional to its entry: inverse-CDF sampling
-    (one uniform per row, a cumulative sum and a binary search), which costs 0.05 ms over a 50k vocabulary on a
-    CPU where torch.multinomial took 1 ms. A zero-probability entry is never drawn: its cumulative sum equals
-    its predecessor's, and the search returns the first index whose sum exceeds the uniform."""
+    """One index per row of probs [..., V], with probability proportional to its entry (see inverse_cdf)."""
+    u = torch.rand(probs.shape[:-1].numel(), 1, generator=generator, device=probs.device, dtype=torch.float32)
+    return inverse_cdf(probs, u.view(probs.shape[:-1]))
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The index whose cumulative-probability interval holds u * total, per row of probs [..., V] (u [...] in
+    [0, 1)): one cumulative sum and a binary search, 0.05 ms over a 50k vocabulary on a CPU where
+    torch.multinomial took 1 ms. A zero-probability entry is never drawn: its cumulative sum equals its
+    predecessor's, and the search returns the first index whose sum exceeds the target. Shapes never depend on
+    the data, so a captured CUDA graph can run it (runtime/device_sampling.py)."""
     flat = probs.reshape(-1, probs.shape[-1])
     cdf = flat.cumsum(-1)
     total = cdf[:, -1:]
-    u = torch.rand(flat.shape[0], 1, generator=generator, device=flat.device, dtype=cdf.dtype) * total
-    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))   # rounding must not reach the total
-    return torch.searchsorted(cdf, u, right=True).view(probs.shape[:-1])
+    target = u.reshape(-1, 1).to(cdf.dtype) * total
+    target = torch.minimum(target, torch.nextafter(total, torch.zeros_like(total)))   # rounding must not reach it
+    return torch.searchsorted(cdf, target, right=True).view(probs.shape[:-1])

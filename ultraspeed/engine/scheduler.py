@@ -37,11 +37,15 @@ from ultraspeed.engine.generate import GenerationStats
 from ultraspeed.engine.kv_cache import KVCache
 from ultraspeed.engine.sampler import SamplingParams, make_generator, sample
 from ultraspeed.engine.lookup_draft import NgramIndex
-from ultraspeed.engine.speculative import features_of, gives_up, lookup_step, new_draft_cache, speculative_step
+from ultraspeed.engine.speculative import (append_context, features_of, gives_up, lookup_step, new_draft_cache,
+                                           speculative_step)
 from ultraspeed.engine.verify_length import StepCost, measure_step_cost
 from ultraspeed.errors import UltraSpeedError
 from ultraspeed.models.decoder import Decoder
 from ultraspeed.models.dflash import DFlashDrafter
+from ultraspeed.runtime.device_sampling import seed_of
+from ultraspeed.runtime.serving import StaticRunner
+from ultraspeed.runtime.static_step import DecodeStep, SpeculativeStep, committed_tokens
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +84,13 @@ class EngineConfig:
     lookup: bool = False
     # CPU threads the engine's own thread computes with (torch.set_num_threads there; 0 leaves torch's default).
     threads: int = 0
+    # "static": every lane step replays a preallocated step per batch bucket, captured as a CUDA graph on a GPU
+    # (runtime/serving.py; whole blocks, sampling inside the graph); "dynamic": the ops of engine/speculative.py.
+    runtime: str = "dynamic"
+
+    def __post_init__(self) -> None:
+        if self.runtime not in ("dynamic", "static"):
+            raise ValueError(f"runtime must be 'dynamic' or 'static', not {self.runtime!r}")
 
 
 @dataclass
@@ -118,6 +129,7 @@ class _Sequence:
     pending: torch.Tensor | None = None     # speculative: features of committed tokens not yet in the draft cache
     lookup: NgramIndex | None = None        # speculative with lookup drafts: the prompt and every committed token
     started: float = 0.0
+    seed: int = 0                           # the static runtime's sampling seed (runtime/device_sampling.py)
 
 
 def _prefill_row(model: Decoder, cache: KVCache, row: int, prompt: list[int], chunk: int,
@@ -141,12 +153,14 @@ class _PlainLane:
     forward: they cost no drafter pass (engine/speculative.lookup_step)."""
 
     def __init__(self, model: Decoder, rows: int, max_len: int, chunk: int, lookup_slots: int = 0,
-                 step_cost: StepCost | None = None) -> None:
+                 step_cost: StepCost | None = None, static: bool = False) -> None:
         self.model, self.chunk = model, chunk
         self.cache = model.new_cache(rows, max_len) if rows else None
         self.rows = rows
         self.seqs: list[_Sequence] = []
         self.lookup_slots, self.step_cost = lookup_slots, step_cost
+        self.runner = (StaticRunner(lambda b, _, sampling: DecodeStep(model, self.cache, b, sampling=sampling), rows)
+                       if static and rows else None)
 
     def admit(self, seq: _Sequence) -> torch.Tensor:
         """Prefill the prompt into the next free row; returns the last position's logits."""
@@ -167,6 +181,8 @@ class _PlainLane:
         self.seqs.append(seq)
 
     def step(self) -> list[list[int]]:
+        if self.runner is not None:
+            return self._static_step()
         # Each row samples with its own parameters and generator (seeded requests stay reproducible in a batch).
         committed, _, looked_up = lookup_step(
             self.model, self.cache, [s.last for s in self.seqs], [s.lookup for s in self.seqs],
@@ -175,6 +191,13 @@ class _PlainLane:
         for s, looked in zip(self.seqs, looked_up):
             s.stats.lookup_steps += looked
         return committed
+
+    def _static_step(self) -> list[list[int]]:
+        b = len(self.seqs)
+        tokens = self.runner.run(1, [s.last for s in self.seqs], self.cache.lengths[:b].tolist(),
+                                 [s.request.params for s in self.seqs], [s.seed for s in self.seqs])
+        self.cache.lengths[:b] += 1
+        return [[t] for t in tokens.tolist()]
 
     def remove(self, row: int) -> None:
         last = len(self.seqs) - 1
@@ -199,13 +222,16 @@ class _SpeculativeLane:
     but may differ between running alone and in a batch (whole blocks make them identical)."""
 
     def __init__(self, target: Decoder, drafter: DFlashDrafter, rows: int, max_len: int, chunk: int,
-                 step_cost: StepCost | None = None, lookup: bool = False) -> None:
+                 step_cost: StepCost | None = None, lookup: bool = False, static: bool = False) -> None:
         self.target, self.drafter, self.chunk, self.rows, self.lookup = target, drafter, chunk, rows, lookup
         self.cache = target.new_cache(rows, max_len)
         self.draft_cache = new_draft_cache(drafter, rows, self.cache.max_len)
         self.capture = drafter.config.target_layer_ids
         self.seqs: list[_Sequence] = []
         self.step_cost = step_cost            # None: verify whole blocks
+        self.runner = (StaticRunner(lambda b, _, sampling: SpeculativeStep(target, drafter, self.cache,
+                                                                           self.draft_cache, b, sampling=sampling),
+                                    rows) if static else None)
 
     @property
     def block_size(self) -> int:
@@ -232,6 +258,8 @@ class _SpeculativeLane:
         self.seqs.append(seq)
 
     def step(self) -> list[list[int]]:
+        if self.runner is not None:
+            return self._static_step()
         committed, pending, verified, looked_up = speculative_step(
             self.target, self.drafter, self.cache, self.draft_cache, [s.last for s in self.seqs],
             [s.pending for s in self.seqs], [s.request.params for s in self.seqs],
@@ -240,6 +268,26 @@ class _SpeculativeLane:
             s.pending = features
             s.stats.drafts_verified.append(verified)
             s.stats.lookup_steps += looked
+        return committed
+
+    def _static_step(self) -> list[list[int]]:
+        """The static step verifies whole blocks and writes the drafter's context of every verified position
+        itself: only a newly admitted row's prompt features are still pending."""
+        B = self.block_size
+        for row, s in enumerate(self.seqs):
+            if s.pending is not None:
+                append_context(self.drafter, self.draft_cache, row, s.pending)
+                s.pending = None
+        lookups = [s.lookup.propose(B - 1)[0] if s.lookup is not None else [] for s in self.seqs]
+        b = len(self.seqs)
+        result = self.runner.run(B, [s.last for s in self.seqs], self.cache.lengths[:b].tolist(),
+                                 [s.request.params for s in self.seqs], [s.seed for s in self.seqs], lookups)
+        committed = committed_tokens(result)
+        for row, (s, tokens, draft) in enumerate(zip(self.seqs, committed, lookups)):
+            self.cache.lengths[row] += len(tokens)
+            self.draft_cache.lengths[row] = self.cache.lengths[row]
+            s.stats.drafts_verified.append(B - 1)
+            s.stats.lookup_steps += bool(draft)
         return committed
 
     def remove(self, row: int) -> None:
@@ -277,13 +325,16 @@ class Engine:
         spec_rows = sum(g.max_running for g in config.groups if g.speculative) if drafter is not None else 0
         # Every group may land in the plain lane (speculative requests near the context end do), so it has a row
         # for every running slot: admission then only ever checks group capacity.
+        static = config.runtime == "static"
         self._plain = _PlainLane(model, sum(g.max_running for g in config.groups), self.context_limit,
-                                 config.prefill_chunk, drafter.config.block_size - 1 if spec_rows else 0)
+                                 config.prefill_chunk, drafter.config.block_size - 1 if spec_rows else 0,
+                                 static=static)
         self._spec = (_SpeculativeLane(model, drafter, spec_rows, self.context_limit, config.prefill_chunk,
-                                       lookup=config.lookup)
+                                       lookup=config.lookup, static=static)
                       if spec_rows else None)
-        # Step costs for adaptive verification are timed on the engine's thread, with the threads it decodes with.
-        self._time_step_costs = bool(spec_rows and config.adaptive_verify)
+        # Step costs for adaptive verification are timed on the engine's thread, with the threads it decodes with
+        # (the static runtime verifies whole blocks).
+        self._time_step_costs = bool(spec_rows and config.adaptive_verify and not static)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._queued = 0                     # submitted, not yet admitted nor ended (bounded by max_queue)
@@ -444,7 +495,7 @@ class Engine:
             lane = self._spec if use_spec else self._plain
             seq = _Sequence(r, make_generator(r.params.seed, self.model.embed_tokens.weight.device),
                             min(r.params.max_tokens, room), GenerationStats(prompt_tokens=len(r.prompt_ids)),
-                            frozenset(() if r.params.ignore_eos else r.stop_ids))
+                            frozenset(() if r.params.ignore_eos else r.stop_ids), seed=seed_of(r.params))
             t0 = time.perf_counter()
             parent = next(((s, logits) for l, s, logits in prefilled if l is lane and s.request.id in self._running
                            and s.request.prompt_ids == r.prompt_ids), None)

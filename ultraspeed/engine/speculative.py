@@ -27,7 +27,7 @@ import torch
 from ultraspeed.engine.generate import GenerationStats, check_prompt_fits, prefill, take_committed
 from ultraspeed.engine.kv_cache import KVCache
 from ultraspeed.engine.lookup_draft import NgramIndex, lookup_confidence
-from ultraspeed.engine.sampler import SamplingParams, draw, make_generator, sample, token_distribution
+from ultraspeed.engine.sampler import SamplingParams, inverse_cdf, make_generator, sample, token_distribution
 from ultraspeed.engine.verify_length import StepCost, choose_verify_length
 from ultraspeed.models.decoder import Decoder
 from ultraspeed.models.dflash import DFlashDrafter, block_mask
@@ -128,18 +128,28 @@ def accept_sampling(drafts: torch.Tensor, logits: torch.Tensor, params: Sampling
     """Speculative sampling with a point-mass proposal at each draft token (vectorized over rows)."""
     probs = token_distribution(logits, params)                                  # [b, B, V]
     b, slots = drafts.shape
+    accept_u = torch.rand(b, slots, generator=generator, device=probs.device)
+    draw_u = torch.rand(b, 1, generator=generator, device=probs.device).expand(-1, slots + 1)
+    return rejection_sample(drafts, probs, accept_u, draw_u)
+
+
+def rejection_sample(drafts: torch.Tensor, probs: torch.Tensor, accept_u: torch.Tensor,
+                     draw_u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rejection rule for drafts [b, n] under the target's distributions probs [b, n+1, V], given uniforms
+    for the acceptance tests [b, n] and for a draw at each position [b, n+1] (the bonus token, at position a,
+    uses draw_u[:, a]) -> (accepted count a [b], bonus token [b]).
+    Draft d_i is accepted with probability p_{i-1}(d_i); the first rejected d is resampled from p without d (the
+    residual max(p - q, 0) for q = delta_d). A one-hot p (greedy) accepts exactly the argmax prefix and draws the
+    argmax. No shape depends on the data: the static step (runtime/static_step.py) runs it inside a graph."""
+    b, slots = drafts.shape
     draft_probs = probs[:, :-1].gather(-1, drafts.unsqueeze(-1)).squeeze(-1)   # p_i(d_{i+1})
-    uniform = torch.rand(b, slots, generator=generator, device=probs.device)
-    accepted = (uniform < draft_probs).int().cumprod(dim=1).sum(dim=1)         # accept d with probability p(d)
-    p = probs[torch.arange(b, device=probs.device), accepted]                   # distribution of the bonus token
-    # A rejected d is resampled from p without d: the residual max(p - q, 0) for q = delta_d.
-    if slots == 0:                                                              # nothing was drafted
-        return accepted.long(), draw(p, generator)
-    rejected = (accepted < slots).view(-1, 1)
-    rejected_token = drafts.gather(1, accepted.clamp(max=slots - 1).view(-1, 1))
-    p = torch.where(rejected, p.scatter(1, rejected_token, 0.0), p)
-    bonus = draw(p, generator)                                                  # draw normalizes
-    return accepted.long(), bonus
+    accepted = (accept_u < draft_probs).int().cumprod(dim=1).sum(dim=1).long()  # accept d with probability p(d)
+    p = probs.gather(1, accepted.view(b, 1, 1).expand(-1, 1, probs.shape[-1])).squeeze(1)   # the bonus's p
+    if slots > 0:
+        rejected = (accepted < slots).view(-1, 1)
+        rejected_token = drafts.gather(1, accepted.clamp(max=slots - 1).view(-1, 1))
+        p = torch.where(rejected, p.scatter(1, rejected_token, 0.0), p)
+    return accepted, inverse_cdf(p, draw_u.gather(1, accepted.view(b, 1)).view(b))     # it normalizes p
 
 
 def features_of(captured: list[torch.Tensor]) -> torch.Tensor:

@@ -5,8 +5,9 @@ caching allocator settles), restores the step's state buffers, captures one call
 and from then on only replays it: one launch per step, no gaps between kernels for Python to fill. Elsewhere
 (the CPU) it calls the step eagerly: the same code path, so CPU tests cover everything but the capture itself.
 
-`StepGraphs` keeps one captured step per (batch, block) bucket, built on first use and sharing one memory
-pool; a batch of n rows runs in the smallest bucket >= n, with rows n.. padded (see `load_rows`).
+`StepGraphs` keeps one captured step per bucket (batch, and e.g. block size and greedy / sampled), built on first
+use and sharing one memory pool; a batch of n rows runs in the smallest batch bucket >= n, with rows n.. padded
+(see `load_rows`). The serving engine's lanes run on it (runtime/serving.py).
 
 Capture when the step's state buffers hold valid lengths (zeros before any sequence, or the live lengths): the
 warm-up runs (each from the same state) write KV entries only where the first real step will, at positions >=
@@ -98,18 +99,19 @@ def pick_bucket(batch: int, buckets: Sequence[int]) -> int:
 
 
 class StepGraphs:
-    """Captured steps per (batch, block) bucket. `make_step(batch, block)` builds a fresh static step."""
+    """Captured steps per bucket: `get(batch, *variant)` -> the step for (the smallest batch bucket >= batch,
+    *variant), built by `make_step(bucket, *variant)` on first use (variant: e.g. block size, sampling)."""
 
-    def __init__(self, make_step: Callable[[int, int], StaticStepLike], batch_buckets: Sequence[int],
+    def __init__(self, make_step: Callable[..., StaticStepLike], batch_buckets: Sequence[int],
                  enabled: bool | None = None, warmup: int = 3) -> None:
         self.make_step = make_step
         self.batch_buckets = sorted(set(batch_buckets))
         self.enabled, self.warmup = enabled, warmup
-        self.steps: dict[tuple[int, int], CapturedStep] = {}
+        self.steps: dict[tuple, CapturedStep] = {}
         self.pool: Any = None
 
-    def get(self, batch: int, block: int) -> CapturedStep:
-        key = (pick_bucket(batch, self.batch_buckets), block)
+    def get(self, batch: int, *variant: Any) -> CapturedStep:
+        key = (pick_bucket(batch, self.batch_buckets), *variant)
         if key not in self.steps:
             step = self.make_step(*key)
             enabled = graphs_available(step.lengths.device) if self.enabled is None else self.enabled

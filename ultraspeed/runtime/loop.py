@@ -1,8 +1,8 @@
-"""Greedy generation loops over the static steps: prefill each row with the dynamic path (prompt lengths vary),
-then replay one captured step per decode step, reading back only the step's small result.
+"""Generation loops over the static steps: prefill each row with the dynamic path (prompt lengths vary), then
+replay one captured step per decode step, reading back only the step's small result.
 
-`generate_static` streams one sequence for `ultraspeed generate --runtime static` (the default for greedy decoding
-on a GPU); the batch loops serve the tests (static == dynamic, token for token) and scripts/gpu_bench.py.
+`generate_static` streams one sequence for `ultraspeed generate --runtime static` (the default on a GPU), greedy
+or sampled; the greedy batch loops serve the tests (static == dynamic, token for token) and scripts/gpu_bench.py.
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ import torch
 
 from ultraspeed.engine.generate import GenerationStats, check_prompt_fits, take_committed
 from ultraspeed.engine.kv_cache import KVCache
-from ultraspeed.engine.sampler import SamplingParams
+from ultraspeed.engine.lookup_draft import NgramIndex
+from ultraspeed.engine.sampler import SamplingParams, inverse_cdf
 from ultraspeed.engine.speculative import append_context, features_of, new_draft_cache
-from ultraspeed.errors import UltraSpeedError
 from ultraspeed.models.decoder import Decoder
 from ultraspeed.models.dflash import DFlashDrafter
 from ultraspeed.runtime.backend import TorchBackend
+from ultraspeed.runtime.device_sampling import DRAW, SamplingBuffers, seed_of
 from ultraspeed.runtime.graphs import CapturedStep, load_rows
 from ultraspeed.runtime.static_step import DecodeStep, SpeculativeStep, committed_tokens
 
@@ -96,16 +97,26 @@ def speculative_greedy(target: Decoder, drafter: DFlashDrafter, prompts: list[li
     return [tokens[:max_new] for tokens in out]
 
 
+def first_tokens(logits: torch.Tensor, lengths: list[int], sampling: SamplingBuffers | None) -> list[int]:
+    """The token after each row's prompt from its prefill logits [n, V]: the argmax, or drawn with the uniform
+    of the prompt's last position (the draw the static step would make there)."""
+    if sampling is None:
+        return logits.argmax(-1).tolist()
+    positions = torch.tensor(lengths, device=logits.device).view(-1, 1) - 1
+    u = sampling.uniform(positions, DRAW).view(-1)
+    return inverse_cdf(sampling.distribution(logits), u).tolist()
+
+
 @torch.no_grad()
 def generate_static(target: Decoder, prompt_ids: list[int], params: SamplingParams, stop_ids: tuple[int, ...] = (),
                     drafter: DFlashDrafter | None = None, stats: GenerationStats | None = None,
-                    graphs: bool | None = None, backend: TorchBackend | None = None) -> Iterator[list[int]]:
-    """Greedy decoding of one sequence through the static step, captured as a CUDA graph on a GPU (graphs None:
-    there; eagerly elsewhere): plain decoding, or DFlash with `drafter`. Same contract as generate_plain and
-    generate_speculative, whose greedy output it reproduces token for token. Each step reads back only its small
-    result; capture happens once, after the prefill."""
-    if not params.greedy:
-        raise UltraSpeedError("the static runtime decodes greedily; use the dynamic runtime to sample")
+                    graphs: bool | None = None, backend: TorchBackend | None = None,
+                    lookup: bool = False) -> Iterator[list[int]]:
+    """Decoding of one sequence through the static step, captured as a CUDA graph on a GPU (graphs None: there;
+    eagerly elsewhere): plain decoding, or DFlash with `drafter` (and lookup drafts where the context repeats,
+    with `lookup`). Greedy or sampled; greedy output is generate_plain's, token for token, and sampling follows
+    the same distribution (its uniforms are hashed from the seed, so the draws differ from the dynamic path's).
+    Each step reads back only its small result; capture happens once, after the prefill."""
     B = drafter.config.block_size if drafter is not None else 1
     stats = stats if stats is not None else GenerationStats()
     cache = target.new_cache(1, len(prompt_ids) + params.max_tokens + B)
@@ -115,18 +126,22 @@ def generate_static(target: Decoder, prompt_ids: list[int], params: SamplingPara
     max_new = min(params.max_tokens, room - B + 1)      # the last step writes up to B positions past its anchor
     stop = set() if params.ignore_eos else set(stop_ids)
     stats.prompt_tokens = len(prompt_ids)
+    sampling = not params.greedy
 
     t0 = time.perf_counter()
     capture = drafter.config.target_layer_ids if drafter is not None else ()
     logits, features = prefill_rows(target, cache, [prompt_ids], capture)
-    tokens = [int(logits[0].argmax())]
     if drafter is not None:
         draft_cache = new_draft_cache(drafter, 1, cache.max_len)
         append_context(drafter, draft_cache, 0, features_of(features[0]))
-        step = SpeculativeStep(target, drafter, cache, draft_cache, 1, backend)
+        step = SpeculativeStep(target, drafter, cache, draft_cache, 1, backend, sampling)
     else:
-        step = DecodeStep(target, cache, 1, backend)
+        step = DecodeStep(target, cache, 1, backend, sampling)
+    if step.sampling is not None:
+        step.sampling.load([params], [seed_of(params)])
+    tokens = first_tokens(logits, [len(prompt_ids)], step.sampling)
     load_rows(step, tokens, [len(prompt_ids)])
+    index = NgramIndex.of(prompt_ids + tokens) if lookup and drafter is not None else None
     run = CapturedStep(step, graphs)
     stats.prefill_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -135,7 +150,13 @@ def generate_static(target: Decoder, prompt_ids: list[int], params: SamplingPara
         yield out
         if done:
             return
+        if index is not None:
+            draft, _ = index.propose(B - 1)
+            step.load_lookups([draft])
+            stats.lookup_steps += bool(draft)
         result, _ = run()
         tokens = committed_tokens(result)[0] if drafter is not None else [int(result[0])]
+        if index is not None:
+            index.extend(tokens)
         stats.target_forwards += 1
         stats.accepted_lengths.append(len(tokens))

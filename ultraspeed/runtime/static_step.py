@@ -19,7 +19,12 @@ Numbers: with the torch backend, the same ops in the same order as the dynamic p
 masked key range and expert sums over zero-weighted experts aside), so logits agree to float rounding and
 greedy tokens are identical (tests/runtime).
 
-Greedy only: sampled decoding uses the logits buffer outside the graph (plain) or the dynamic path (speculative).
+Sampling (`sampling=True`): per-row temperature / top-k / top-p and seeds in device buffers, uniforms hashed from
+(seed, position) instead of drawn from a generator (runtime/device_sampling.py); the speculative step applies the
+rejection rule (engine/speculative.rejection_sample). Greedy rows of such a step get one-hot distributions, under
+which the same rule is exactly greedy. Lookup drafts (engine/lookup_draft.py) enter the speculative step through
+`lookup_tokens` / `lookup_counts`: the host writes each row's n-gram draft there before the replay, and it takes
+the place of the drafter's first slots.
 """
 
 from __future__ import annotations
@@ -27,11 +32,13 @@ from __future__ import annotations
 import torch
 
 from ultraspeed.engine.kv_cache import KVCache
-from ultraspeed.engine.speculative import accept_greedy
+from ultraspeed.engine.sampler import inverse_cdf
+from ultraspeed.engine.speculative import accept_greedy, rejection_sample
 from ultraspeed.models.decoder import Attention, Decoder, StepContext
 from ultraspeed.models.dflash import DFlashDrafter
 from ultraspeed.models.moe import DenseMLP, SparseMoE
 from ultraspeed.runtime.backend import TorchBackend, choose_backend
+from ultraspeed.runtime.device_sampling import ACCEPT, DRAW, SamplingBuffers
 
 
 def causal_mask_static(positions: torch.Tensor, num_keys: int, window: int | None) -> torch.Tensor:
@@ -167,14 +174,14 @@ class StaticDecoder:
 
 
 class DecodeStep:
-    """One greedy decode step of rows 0..b-1: tokens [b, 1] at lengths [b] -> next tokens, in place.
+    """One decode step of rows 0..b-1: tokens [b, 1] at lengths [b] -> next tokens, in place.
 
     Buffers (device, fixed addresses): `tokens`, `lengths` (inputs, advanced by the step), `logits` [b, V] and
-    `next_tokens` [b] (outputs). To sample instead of taking the argmax, read `logits` and write the sampled ids
-    into `tokens` before the next step.
+    `next_tokens` [b] (outputs). Greedy, or with `sampling` each row as its `sampling` buffers say.
     """
 
-    def __init__(self, model: Decoder, cache: KVCache, batch: int, backend: TorchBackend | None = None) -> None:
+    def __init__(self, model: Decoder, cache: KVCache, batch: int, backend: TorchBackend | None = None,
+                 sampling: bool = False) -> None:
         if batch > cache.max_batch:
             raise ValueError(f"batch {batch} exceeds the cache's {cache.max_batch} rows")
         self.model, self.batch = model, batch
@@ -182,6 +189,7 @@ class DecodeStep:
         device = self.forward_.device
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.sampling = SamplingBuffers(batch, device) if sampling else None
         self.num_new = 1
 
     def state(self) -> list[torch.Tensor]:
@@ -192,15 +200,20 @@ class DecodeStep:
     def step(self) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, _ = self.forward_.forward(self.tokens, self.lengths)
         logits = self.model.logits(hidden[:, -1])
-        next_tokens = logits.argmax(-1)
+        if self.sampling is None:
+            next_tokens = logits.argmax(-1)
+        else:
+            u = self.sampling.uniform(self.lengths.view(-1, 1), DRAW)
+            next_tokens = inverse_cdf(self.sampling.distribution(logits), u.view(-1))
         self.lengths.add_(1)
         self.tokens.copy_(next_tokens.view(-1, 1))
         return next_tokens, logits
 
 
 class SpeculativeStep:
-    """One greedy DFlash step of rows 0..b-1: draft B-1 tokens after each anchor, verify the block with the
-    target, accept the longest agreeing prefix plus the target's bonus token, advance.
+    """One DFlash step of rows 0..b-1: draft B-1 tokens after each anchor (a row's lookup draft, where the host
+    wrote one, in its first slots), verify the block with the target, accept the longest agreeing prefix plus the
+    target's bonus token (greedy), or by the rejection rule (`sampling`), advance.
 
     Buffers: `anchors` [b] and `lengths` [b] (inputs; lengths[r] is the committed length of row r in both the
     target and the drafter cache, i.e. the anchor's position), advanced in place. `step()` returns `result`
@@ -209,7 +222,7 @@ class SpeculativeStep:
     """
 
     def __init__(self, target: Decoder, drafter: DFlashDrafter, cache: KVCache, draft_cache: KVCache, batch: int,
-                 backend: TorchBackend | None = None) -> None:
+                 backend: TorchBackend | None = None, sampling: bool = False) -> None:
         if batch > min(cache.max_batch, draft_cache.max_batch):
             raise ValueError(f"batch {batch} exceeds the caches' rows")
         self.target, self.drafter, self.batch = target, drafter, batch
@@ -222,6 +235,9 @@ class SpeculativeStep:
         self.draft_keys = min(draft_cache.max_len, drafter.config.max_position)
         self.anchors = torch.zeros(batch, dtype=torch.long, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.lookup_tokens = torch.zeros(batch, self.block_size - 1, dtype=torch.long, device=device)
+        self.lookup_counts = torch.zeros(batch, dtype=torch.long, device=device)
+        self.sampling = SamplingBuffers(batch, device) if sampling else None
         c = drafter.config
         self.draft_needs_mask = self.backend.needs_mask(c.window, None, True)
 
@@ -264,14 +280,19 @@ class SpeculativeStep:
 
     @torch.no_grad()
     def verify(self, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Target forward on [anchor, drafts], greedy acceptance, drafter context, advance. -> (result, logits)."""
+        """Target forward on [anchor, drafts], acceptance, drafter context, advance. -> (result, logits)."""
         d = self.drafter
         b, B = self.batch, self.block_size
         ids = torch.cat([self.anchors.view(b, 1), drafts], dim=1)
         hidden, captured = self.target_forward.forward(ids, self.lengths, d.config.target_layer_ids)
         logits = self.target.logits(hidden)
-        accepted, bonus = accept_greedy(drafts, logits)
         positions = self.block_positions()
+        if self.sampling is None:
+            accepted, bonus = accept_greedy(drafts, logits)
+        else:
+            accepted, bonus = rejection_sample(drafts, self.sampling.distribution(logits),
+                                               self.sampling.uniform(positions[:, :-1], ACCEPT),
+                                               self.sampling.uniform(positions, DRAW))
         # The drafter's context K/V of every verified position; those past the accepted prefix stay stale.
         for i, (k, v) in enumerate(d.context_kv(torch.cat(captured, dim=-1), positions)):
             scatter_kv(self.draft_cache.keys[i][:b], self.draft_cache.values[i][:b], k, v, positions)
@@ -284,8 +305,25 @@ class SpeculativeStep:
         self.anchors.copy_(bonus)
         return result, logits
 
+    def load_lookups(self, drafts: list[list[int]]) -> None:
+        """Rows 0..n-1's lookup drafts (up to B-1 tokens each, empty: none) for the next step; rows n.. none."""
+        width = self.block_size - 1
+        tokens = torch.zeros(self.batch, width, dtype=torch.long)
+        counts = torch.zeros(self.batch, dtype=torch.long)
+        for row, draft in enumerate(drafts):
+            draft = draft[:width]
+            tokens[row, :len(draft)] = torch.tensor(draft, dtype=torch.long)
+            counts[row] = len(draft)
+        self.lookup_tokens.copy_(tokens)
+        self.lookup_counts.copy_(counts)
+
+    def with_lookups(self, drafts: torch.Tensor) -> torch.Tensor:
+        """drafts [b, B-1] with each row's first lookup_counts[r] slots replaced by its lookup draft."""
+        slot = torch.arange(drafts.shape[1], device=drafts.device).view(1, -1)
+        return torch.where(slot < self.lookup_counts.view(-1, 1), self.lookup_tokens, drafts)
+
     def step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.verify(self.draft())
+        return self.verify(self.with_lookups(self.draft()))
 
 
 def committed_tokens(result: torch.Tensor) -> list[list[int]]:

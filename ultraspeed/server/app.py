@@ -69,6 +69,7 @@ class ServerConfig:
     adaptive_verify: bool = True          # verify only the drafts worth their time (EngineConfig.adaptive_verify)
     lookup: bool = True                   # lookup drafts where the context repeats (EngineConfig.lookup)
     engine_threads: int = 0               # CPU threads of each engine's thread (EngineConfig.threads)
+    runtime: str = "dynamic"              # "static": lanes replay captured steps (EngineConfig.runtime)
 
     def __post_init__(self) -> None:
         if min(self.standard_max_running, self.ultraspeed_max_running, self.max_queue, self.max_n) < 1:
@@ -117,7 +118,7 @@ def build_state(model, tokenizer: Tokenizer, drafter, config: ServerConfig, ultr
         return Engine(target, EngineConfig(groups=tuple(t.group() for t in tiers), max_len=config.max_len,
                                            max_queue=config.max_queue, min_accepted=config.min_accepted,
                                            adaptive_verify=config.adaptive_verify, lookup=config.lookup,
-                                           threads=config.engine_threads),
+                                           threads=config.engine_threads, runtime=config.runtime),
                       with_drafter)
     if ultraspeed_model is None:
         shared = engine(model, (standard, ultraspeed), drafter)
