@@ -118,3 +118,79 @@ def test_cuda_graph_speculative_greedy_equals_plain(tmp_path):
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
     want = generate_batch(model, prompts, SamplingParams(max_tokens=12, ignore_eos=True), max_batch=2)
     assert speculative_greedy(model, drafter, prompts, 12, graphs=True) == want
+
+
+@requires_cuda
+def test_cuda_graph_sampled_speculative_step_equals_eager(tmp_path):
+    """On a CUDA machine: sampling inside a captured speculative step draws what the eager step draws (its
+    uniforms are hashed from the seeds and positions, not taken from a generator), replay after replay, and the
+    hashed uniforms are the CPU's bit for bit."""
+    import copy
+
+    from ultraspeed.engine import speculative
+    from ultraspeed.engine.sampler import SamplingParams
+    from ultraspeed.models.dflash import DFlashConfig, DFlashDrafter, init_random
+    from ultraspeed.runtime.device_sampling import DRAW, counter_uniform
+    from ultraspeed.runtime.static_step import SpeculativeStep
+    seeds, positions = torch.tensor([1, 2**40 + 3]), torch.arange(64).view(1, -1).expand(2, -1)
+    assert torch.equal(counter_uniform(seeds.cuda(), positions.cuda(), DRAW).cpu(),
+                       counter_uniform(seeds, positions, DRAW))
+    model = ours_from_hf(hf_model("qwen3", seed=2), tmp_path).to("cuda")
+    drafter = DFlashDrafter(DFlashConfig.for_target(model.config, num_layers=1, num_features=2, block_size=4))
+    init_random(drafter, 0)
+    drafter = drafter.requires_grad_(False).to("cuda")
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    cache = model.new_cache(2, 64)
+    draft_cache = speculative.new_draft_cache(drafter, 2, 64)
+    logits, features = prefill_rows(model, cache, prompts, drafter.config.target_layer_ids)
+    for row, captured in enumerate(features):
+        speculative.append_context(drafter, draft_cache, row, speculative.features_of(captured))
+    first, lengths = logits.argmax(-1).tolist(), cache.lengths[:2].tolist()
+    params = [SamplingParams(temperature=1.0, top_p=0.9), SamplingParams()]
+    results = []
+    for graph in (False, True):
+        step = SpeculativeStep(model, drafter, copy.deepcopy(cache), copy.deepcopy(draft_cache), 2, sampling=True)
+        step.sampling.load(params, [5, 6])
+        load_rows(step, first, lengths)
+        run = CapturedStep(step, enabled=graph)
+        assert (run.graph is not None) == graph
+        results.append([run()[0].clone().cpu() for _ in range(5)])
+    for eager, replayed in zip(*results):
+        assert torch.equal(eager, replayed)
+
+
+@requires_cuda
+def test_cuda_graph_serving_engine_equals_plain_greedy(tmp_path):
+    """On a CUDA machine: the serving engine with runtime="static" captures a step per batch bucket on its own
+    thread and serves both lanes with exactly plain greedy's tokens."""
+    import threading
+
+    from ultraspeed.engine.generate import generate_plain
+    from ultraspeed.engine.sampler import SamplingParams
+    from ultraspeed.engine.scheduler import Engine, EngineConfig, EngineRequest, GroupConfig
+    from ultraspeed.models.dflash import DFlashConfig, DFlashDrafter, init_random
+    model = ours_from_hf(hf_model("qwen3", seed=2), tmp_path).to("cuda")
+    drafter = DFlashDrafter(DFlashConfig.for_target(model.config, num_layers=1, num_features=2, block_size=4))
+    init_random(drafter, 0)
+    drafter = drafter.requires_grad_(False).to("cuda")
+    config = EngineConfig(groups=(GroupConfig("standard", 2), GroupConfig("ultraspeed", 2, speculative=True)),
+                          max_len=64, runtime="static")
+    engine = Engine(model, config, drafter).start()
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9, 10], [11, 12, 13, 14]]
+    got, done = [[] for _ in prompts], [threading.Event() for _ in prompts]
+
+    def collect(i):
+        def on_update(update):
+            got[i].extend(update.token_ids)
+            if update.done:
+                done[i].set()
+        return on_update
+    try:
+        engine.submit([EngineRequest(p, params, collect(i), group=("standard", "ultraspeed")[i % 2])
+                       for i, p in enumerate(prompts)])
+        assert all(d.wait(120) for d in done)
+    finally:
+        engine.stop()
+    assert got == [sum(generate_plain(model, p, params), []) for p in prompts]
+    assert all(step.graph is not None for step in engine._spec.runner.graphs.steps.values())
