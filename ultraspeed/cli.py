@@ -100,6 +100,22 @@ def add_lookup_flag(p: argparse.ArgumentParser) -> None:
                    help="draft with the DFlash drafter only; by default a sequence whose last tokens occurred "
                         "earlier in its context drafts what followed them there (prompt lookup), which code, "
                         "quotes and tool calls repeat often. The output is the same")
+    p.add_argument("--lookup-corpus", default="auto", metavar="auto|none|FILE",
+                   help="where the context has no match, draft from this corpus of the target's own earlier "
+                        "answers (`ultraspeed build-lookup-corpus`); auto (default): the shipped one for the "
+                        "default model, none elsewhere. The output is the same")
+
+
+def as_str(path) -> str | None:
+    return None if path is None else str(path)
+
+
+def lookup_corpus_arg(args: argparse.Namespace):
+    """The LookupCorpus `--lookup-corpus` names (None with --no-lookup, 'none' or no shipped one)."""
+    from ultraspeed.drafters import lookup_corpus_for
+    from ultraspeed.engine.lookup_corpus import LookupCorpus
+    path = None if args.no_lookup else lookup_corpus_for(args.model, args.lookup_corpus)
+    return LookupCorpus.load(path) if path is not None else None
 
 
 def add_parallel_flags(p: argparse.ArgumentParser) -> None:
@@ -164,16 +180,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads) if args.threads else None
     ParallelPlan(args.tp, args.ep)             # refuse impossible flags before the (long) load
     refuse_static_sharding(args)
+    corpus = lookup_corpus_arg(args)           # a bad file fails here, before the (long) model load
     loaded = load_on_device(args.model, args.device, args.tp > 1 or args.ep > 1)
     # Under torchrun every rank runs the same loop in lockstep; rank 0 alone writes the stream and the stats.
     env = shard_for_this_rank(loaded.model, args.tp, args.ep)
     try:
-        return _generate(args, loaded, env)
+        return _generate(args, loaded, env, corpus)
     finally:
         shutdown(env)
 
 
-def _generate(args: argparse.Namespace, loaded: LoadedModel, env: DistEnv | None) -> int:
+def _generate(args: argparse.Namespace, loaded: LoadedModel, env: DistEnv | None, corpus) -> int:
     from ultraspeed.engine.generate import GenerationStats, generate_plain
     from ultraspeed.engine.sampler import SamplingParams
     from ultraspeed.drafters import drafter_for
@@ -205,7 +222,7 @@ def _generate(args: argparse.Namespace, loaded: LoadedModel, env: DistEnv | None
     if runtime == "static":
         from ultraspeed.runtime.loop import generate_static
         tokens = generate_static(loaded.model, prompt_ids, params, tok.stop_token_ids, drafter, stats,
-                                 lookup=not args.no_lookup)
+                                 lookup=not args.no_lookup, corpus=corpus)
     elif drafter is not None:
         from ultraspeed.engine.speculative import generate_speculative
         from ultraspeed.engine.verify_length import measure_step_cost
@@ -213,7 +230,7 @@ def _generate(args: argparse.Namespace, loaded: LoadedModel, env: DistEnv | None
         step_cost = measure_step_cost(loaded.model, drafter) if args.verify == "adaptive" and env is None else None
         tokens = generate_speculative(loaded.model, drafter, prompt_ids, params, tok.stop_token_ids, stats=stats,
                                       min_accepted=min_accepted_for(args, step_cost is not None),
-                                      step_cost=step_cost, lookup=not args.no_lookup)
+                                      step_cost=step_cost, lookup=not args.no_lookup, corpus=corpus)
     else:
         tokens = generate_plain(loaded.model, prompt_ids, params, tok.stop_token_ids, stats=stats)
     for new_ids in tokens:
@@ -300,6 +317,29 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_lookup_corpus(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+    from ultraspeed.loader import load_model
+    from ultraspeed.quant.int8 import apply_weight_format
+    from ultraspeed.train.lookup_corpus_data import build_lookup_corpus
+    from ultraspeed.train.prompts import DOMAINS
+
+    out = Path(args.out)
+    if out.suffix != ".npz":
+        raise UltraSpeedError(f"--out must name a .npz file, not {out}")
+    torch.set_num_threads(args.threads) if args.threads else None
+    loaded = load_model(args.model)
+    weights = apply_weight_format(loaded.model, args.weights)   # answer as served: these are the tokens to draft
+    corpus = build_lookup_corpus(loaded, dict(zip(DOMAINS, args.prompts)), args.max_new_tokens, args.batch)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    corpus.save(out)
+    print(json.dumps({"out": str(out), "sequences": corpus.num_sequences, "tokens": int(len(corpus.tokens)),
+                      "ngrams": int(len(corpus.keys)), "weights": weights, "bytes": out.stat().st_size}))
+    return 0
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from ultraspeed.loader import load_model
     from ultraspeed.quant.apply import expert_weight_bytes, quantize_experts
@@ -370,7 +410,7 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
 
 def cmd_bench_acceptance(args: argparse.Namespace) -> int:
     from ultraspeed.bench.acceptance import AcceptanceConfig, format_table, run_acceptance_bench
-    from ultraspeed.drafters import drafter_for
+    from ultraspeed.drafters import drafter_for, lookup_corpus_for
     from ultraspeed.loader import load_model
     from ultraspeed.models.dflash import load_drafter
     path = drafter_for(args.model, args.drafter)
@@ -379,7 +419,7 @@ def cmd_bench_acceptance(args: argparse.Namespace) -> int:
     cfg = AcceptanceConfig(domains=tuple(args.domains), block_sizes=tuple(args.block_sizes),
                            prompts_per_domain=args.prompts, max_tokens=args.max_tokens, threads=args.threads,
                            weights=args.weights, split=args.split, adaptive=args.verify == "adaptive",
-                           lookup=not args.no_lookup)
+                           lookup=not args.no_lookup, lookup_corpus=as_str(lookup_corpus_for(args.model, args.lookup_corpus)))
     report = run_acceptance_bench(load_model(args.model), load_drafter(path), cfg)
     report["drafter_path"] = str(path)
     emit_report(report, args, format_table(report))
@@ -389,10 +429,12 @@ def cmd_bench_acceptance(args: argparse.Namespace) -> int:
 def cmd_bench_report(args: argparse.Namespace) -> int:
     from pathlib import Path
     from ultraspeed.bench.report import ReportConfig, failed_systems, quick, run_report
+    from ultraspeed.drafters import lookup_corpus_for
     cfg = ReportConfig(model=args.model, drafter=args.drafter, systems=tuple(args.systems),
                        domains=tuple(args.domains), prompts_per_domain=args.prompts, new_tokens=args.new_tokens,
                        repeats=args.repeats, block_sizes=tuple(args.block_sizes), threads=args.threads,
-                       verify=args.verify, lookup=not args.no_lookup)
+                       verify=args.verify, lookup=not args.no_lookup,
+                       lookup_corpus=as_str(lookup_corpus_for(args.model, args.lookup_corpus)))
     report = run_report(quick(cfg) if args.quick else cfg, Path(args.out_dir))
     print(json.dumps(report, indent=2) if args.json else (Path(args.out_dir) / "report.md").read_text())
     failed = failed_systems(report)
@@ -480,6 +522,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           request_seconds=args.request_minutes * 60, idle_seconds=args.idle_minutes * 60)
     ParallelPlan(args.tp, args.ep)             # refuse impossible flags before the (long) load
     refuse_static_sharding(args)
+    corpus = lookup_corpus_arg(args)
     loaded = load_on_device(args.model, args.device, args.tp > 1 or args.ep > 1)
     env = shard_for_this_rank(loaded.model, args.tp, args.ep)
     if env is not None and not env.is_main:
@@ -519,7 +562,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"ultraspeed: serving {config.model_name} and {config.model_name}-ultraspeed ({how}) at "
           f"http://{args.host}:{args.port}; API keys: {len(limits.api_keys) or 'none (open)'}", file=sys.stderr)
     try:
-        serve(loaded.model, loaded.tokenizer, drafter, config, args.host, args.port, args.log_level, fast)
+        serve(loaded.model, loaded.tokenizer, drafter, config, args.host, args.port, args.log_level, fast, corpus)
     finally:
         if env is not None:
             stop_followers()
@@ -676,6 +719,9 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--no-lookup", action="store_true",
                     help="skip the runs with lookup drafts (by default each block size also runs as generate "
                     "serves it: lookup drafts where the context repeats, verified as --verify says)")
+    ba.add_argument("--lookup-corpus", default="auto", metavar="auto|none|FILE",
+                    help="the served runs also draft from this corpus of the target's answers (auto: the shipped "
+                    "one for the default model); with one, the same runs without it are timed too")
     ba.set_defaults(func=cmd_bench_acceptance)
     from ultraspeed.bench.report import DOMAINS as REPORT_DOMAINS, SYSTEMS as REPORT_SYSTEMS
     br = bench_sub.add_parser("report", help="proof of speed: ours (plain, MXFP4, DFlash, both) vs HF transformers "
@@ -692,6 +738,9 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--threads", type=int, default=2, help="CPU threads for every system (default 2)")
     br.add_argument("--verify", choices=["adaptive", "full"], default="adaptive",
                     help="DFlash systems verify adaptively (default, as generate and serve do) or whole blocks")
+    br.add_argument("--lookup-corpus", default="auto", metavar="auto|none|FILE",
+                    help="DFlash systems also draft from this corpus of the target's answers, as served (auto: the "
+                    "shipped one for the default model)")
     br.add_argument("--no-lookup", action="store_true",
                     help="DFlash systems draft with the drafter only (default: lookup drafts where the context "
                          "repeats, as generate and serve do)")
@@ -734,6 +783,19 @@ def build_parser() -> argparse.ArgumentParser:
     qa.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     qa.add_argument("--seed", type=int, default=0)
     qa.set_defaults(func=cmd_qat)
+
+    lc = sub.add_parser("build-lookup-corpus", help="the target's greedy answers to training prompts, as a corpus "
+                        "to draft from where a request's own context has no match (--lookup-corpus)")
+    lc.add_argument("--model", default="default", help="target model (directory, .gguf or 'default')")
+    lc.add_argument("--prompts", type=int, nargs=4, default=[120, 200, 200, 120], metavar=("CODE", "MATH", "CHAT",
+                    "AGENT"), help="training prompts per domain (default 120 200 200 120)")
+    lc.add_argument("--max-new-tokens", type=int, default=128)
+    lc.add_argument("--batch", type=int, default=16, help="sequences decoded at once")
+    lc.add_argument("--weights", choices=["auto", "fp32", "int8", "q4"], default="auto",
+                    help="the target's weight format while answering: the one it is served in (auto)")
+    lc.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    lc.add_argument("--out", required=True, help=".npz file to write")
+    lc.set_defaults(func=cmd_build_lookup_corpus)
 
     c = sub.add_parser("cost", help="effective cost and time per completed task, standard vs ultraspeed tier")
     c.add_argument("--output-tokens", type=int, default=2000, help="output tokens per task (default 2000)")

@@ -50,6 +50,8 @@ def test_bench_acceptance_json(capsys, tmp_path):
         # As generate serves: lookup drafts where the context repeats; the whole-block runs never use them.
         assert r["lookup_step_share"] == 0 and 0 <= r["served"]["lookup_step_share"] <= 1
         assert r["gave_up"] == 0 and r["served"]["gave_up"] in (0, 1)     # only the served mode gives up
+        # The served runs draft from the shipped corpus too; the same runs without it are timed beside them.
+        assert r["lookup"]["gave_up"] in (0, 1) and 0 <= r["lookup"]["lookup_step_share"] <= 1
         # After the first token: decode speed beside whole-reply speed, its speed-up against plain's decode speed.
         for mode in (r, a, r["served"]):
             assert mode["median_ttft_s"] > 0 and mode["decode_tokens_per_s"] > 0
@@ -57,6 +59,7 @@ def test_bench_acceptance_json(capsys, tmp_path):
                 mode["decode_tokens_per_s"] / report["results"]["math"]["plain_decode_tokens_per_s"], rel=0.02)
     assert report["results"]["math"]["plain_median_ttft_s"] > 0
     assert set(report["step_costs"]) == {"4", "8"}
+    assert report["lookup_corpus"]["sequences"] > 100
 
 
 def test_decode_rate_leaves_out_the_first_token_and_the_prefill():
@@ -77,7 +80,12 @@ def test_bench_acceptance_verify_full_and_no_lookup_skip_their_runs(capsys, tmp_
     assert main(["bench", "acceptance", "--drafter", str(path), "--domains", "math", "--block-sizes", "4",
                  "--prompts", "1", "--max-tokens", "3", "--threads", "1", "--no-lookup", "--json"]) == 0
     blocks = json.loads(capsys.readouterr().out)["results"]["math"]["blocks"]["4"]
-    assert "adaptive" in blocks and "served" not in blocks
+    assert "adaptive" in blocks and "served" not in blocks and "lookup" not in blocks
+    assert main(["bench", "acceptance", "--drafter", str(path), "--domains", "math", "--block-sizes", "4",
+                 "--prompts", "1", "--max-tokens", "3", "--threads", "1", "--lookup-corpus", "none", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "served" in report["results"]["math"]["blocks"]["4"] and "lookup" not in report["results"]["math"]["blocks"]["4"]
+    assert report["lookup_corpus"] is None
 
 
 def test_bench_acceptance_split_train_measures_the_training_prompts(capsys, tmp_path, monkeypatch):
@@ -117,17 +125,19 @@ def test_bench_acceptance_runs_every_configuration_on_a_prompt_back_to_back(caps
         order.append((len(prompt), "plain"))
         return real_plain(model, prompt, *args, **kw)
 
-    def speculative(model, drafter, prompt, *args, step_cost=None, lookup=False, **kw):
-        order.append((len(prompt), "lookup" if lookup else "adaptive" if step_cost is not None else "full"))
-        return real_spec(model, drafter, prompt, *args, step_cost=step_cost, lookup=lookup, **kw)
+    def speculative(model, drafter, prompt, *args, step_cost=None, lookup=False, corpus=None, **kw):
+        mode = ("served" if corpus is not None else "lookup") if lookup else (
+            "adaptive" if step_cost is not None else "full")
+        order.append((len(prompt), mode))
+        return real_spec(model, drafter, prompt, *args, step_cost=step_cost, lookup=lookup, corpus=corpus, **kw)
 
     monkeypatch.setattr(acceptance, "generate_plain", plain)
     monkeypatch.setattr(acceptance, "generate_speculative", speculative)
     path = random_drafter_file(tmp_path, block_size=4)
     assert main(["bench", "acceptance", "--drafter", str(path), "--domains", "math", "--block-sizes", "4",
                  "--prompts", "2", "--max-tokens", "3", "--threads", "1", "--json"]) == 0
-    first, second = order[0][0], order[4][0]
+    first, second = order[0][0], order[5][0]
     assert first != second
-    assert order == [(first, "plain"), (first, "full"), (first, "adaptive"), (first, "lookup"),
-                     (second, "full"), (second, "adaptive"), (second, "lookup"), (second, "plain")]
+    modes = ["plain", "full", "adaptive", "lookup", "served"]       # served: lookup drafts + the shipped corpus
+    assert order == [(first, m) for m in modes] + [(second, m) for m in modes[1:] + modes[:1]]
     assert json.loads(capsys.readouterr().out)["results"]["math"]["prompts"] == 2

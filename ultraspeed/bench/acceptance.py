@@ -8,8 +8,9 @@ acceptance is memorised rather than learned.
 
 Per block size: whole blocks from the drafter alone (the drafter's quality), adaptive verification (what it
 is worth on this machine) and as `generate` and `serve` run by default: with lookup drafts where the context
-repeats (engine/lookup_draft.py), giving up on the drafter for a reply where it commits less than its
-break-even after the probe steps (lookup drafts are still verified then).
+repeats (engine/lookup_draft.py) or where a corpus of the target's own answers to training prompts has a match
+(engine/lookup_corpus.py; "lookup" is the same without the corpus), giving up on the drafter for a reply where it
+commits less than its break-even after the probe steps (lookup drafts are still verified then).
 
 Speeds are given twice: for whole replies, prefill included (what a user waits for), and for the decoding after
 the first token (what speculative decoding changes; a 250-token prompt's prefill is a third of a 96-token reply
@@ -27,6 +28,7 @@ from tqdm import tqdm
 
 from ultraspeed.bench.machine import describe_machine, median
 from ultraspeed.engine.generate import GenerationStats, generate_plain
+from ultraspeed.engine.lookup_corpus import LookupCorpus
 from ultraspeed.engine.sampler import SamplingParams
 from ultraspeed.engine.speculative import generate_speculative, served_min_accepted
 from ultraspeed.engine.verify_length import measure_step_cost
@@ -49,6 +51,8 @@ class AcceptanceConfig:
     split: str = "eval"              # "eval": held-out prompts; "train": the drafter's own training prompts
     adaptive: bool = True            # beside whole blocks (the drafter's quality), time adaptive verification
     lookup: bool = True              # ... and as served: lookup drafts, giving up on the drafter as generate does
+    lookup_corpus: str | None = None  # a corpus of the target's own answers to draft from (served mode; the
+                                     # same without it runs as "lookup" beside it)
 
     def __post_init__(self) -> None:
         if self.split not in ("eval", "train"):
@@ -76,10 +80,15 @@ def run_acceptance_bench(loaded, drafter: DFlashDrafter, cfg: AcceptanceConfig) 
     costs = {b: measure_step_cost(model, with_block_size(drafter, b)) for b in cfg.block_sizes if cfg.adaptive}
     report["step_costs"] = {str(b): dataclasses.asdict(c) for b, c in costs.items()}
     # Every timed configuration: plain decoding, then each block size in each mode (name, verify, lookup,
-    # min_accepted: 0 never gives up on the drafter; the served mode gives up as generate does).
-    modes = ([("full", "full", False, 0.0)] + ([("adaptive", "adaptive", False, 0.0)] if cfg.adaptive else [])
-             + ([("served", "adaptive" if cfg.adaptive else "full", True, served_min_accepted(cfg.adaptive))]
-                if cfg.lookup else []))
+    # min_accepted: 0 never gives up on the drafter, the served mode gives up as generate does; corpus drafts).
+    corpus = LookupCorpus.load(cfg.lookup_corpus) if cfg.lookup and cfg.lookup_corpus else None
+    served = ("adaptive" if cfg.adaptive else "full", True, served_min_accepted(cfg.adaptive))
+    modes = ([("full", "full", False, 0.0, False)]
+             + ([("adaptive", "adaptive", False, 0.0, False)] if cfg.adaptive else [])
+             + ([("lookup", *served, False)] if cfg.lookup and corpus is not None else [])
+             + ([("served", *served, corpus is not None)] if cfg.lookup else []))
+    report["lookup_corpus"] = ({"path": str(cfg.lookup_corpus), "sequences": corpus.num_sequences,
+                                "tokens": int(len(corpus.tokens))} if corpus is not None else None)
     configs = [(None, None)] + [(b, mode) for b in cfg.block_sizes for mode in modes]   # block None: plain
     drafters = {b: with_block_size(drafter, b) for b in cfg.block_sizes}
     bar = tqdm(total=len(cfg.domains) * cfg.prompts_per_domain * len(configs), desc="bench acceptance", unit="run")
@@ -95,7 +104,8 @@ def run_acceptance_bench(loaded, drafter: DFlashDrafter, cfg: AcceptanceConfig) 
                 run = (generate_plain(model, prompt, params, tok.stop_token_ids, cache, st) if block is None else
                        generate_speculative(model, drafters[block], prompt, params, tok.stop_token_ids, cache, st,
                                             step_cost=costs[block] if mode[1] == "adaptive" else None,
-                                            lookup=mode[2], min_accepted=mode[3]))
+                                            lookup=mode[2], min_accepted=mode[3],
+                                            corpus=corpus if mode[4] else None))
                 seconds[block, mode].append(_timed(run))
                 stats[block, mode].append(st)
                 bar.update(1)
@@ -158,11 +168,13 @@ def format_table(report: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for domain, r in report["results"].items():
         for block, b in r["blocks"].items():
-            a, lk = b.get("adaptive"), b.get("served")
+            a, lk, ctx = b.get("adaptive"), b.get("served"), b.get("lookup")
             adaptive = (f"{a['mean_accepted']}, {a['mean_drafts_verified']}, {a['tokens_per_s']}, "
                         f"{a['speedup_vs_plain']}x" if a else "-")
             lookup = (f"{lk['mean_accepted']}, {lk['lookup_step_share']:.0%}, {lk['gave_up']}, {lk['tokens_per_s']}, "
                       f"{lk['speedup_vs_plain']}x" if lk else "-")
+            if ctx:
+                lookup += f" (without the corpus: {ctx['mean_accepted']}, {ctx['speedup_vs_plain']}x)"
             served = lk or a or b
             decode = (f"{served['decode_tokens_per_s']} ({r['plain_decode_tokens_per_s']}), "
                       f"{served['decode_speedup_vs_plain']}x")

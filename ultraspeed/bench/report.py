@@ -64,6 +64,7 @@ class ReportConfig:
     scale_rule: str = "ceil"
     verify: str = "adaptive"              # DFlash systems: "adaptive" (as generate runs) or "full" blocks
     lookup: bool = True                   # DFlash systems also draft by lookup where the context repeats (as served)
+    lookup_corpus: str | None = None      # ... and from this corpus of the target's answers (as served)
 
     def __post_init__(self) -> None:
         if min(self.prompts_per_domain, self.new_tokens, self.repeats, self.threads, *self.block_sizes) < 1:
@@ -109,7 +110,7 @@ def drain(chunks: Iterator[Sequence[int]], limit: int, t0: float) -> tuple[int, 
     return count, ttft
 
 
-def ours_runner(model, cache, drafter=None, step_cost=None, lookup=False) -> Runner:
+def ours_runner(model, cache, drafter=None, step_cost=None, lookup=False, corpus=None) -> Runner:
     from ultraspeed.engine.generate import GenerationStats, generate_plain
     from ultraspeed.engine.sampler import SamplingParams
     from ultraspeed.engine.speculative import generate_speculative, served_min_accepted
@@ -120,7 +121,8 @@ def ours_runner(model, cache, drafter=None, step_cost=None, lookup=False) -> Run
         t0 = time.perf_counter()
         chunks = (generate_plain(model, prompt, params, cache=cache, stats=stats) if drafter is None else
                   generate_speculative(model, drafter, prompt, params, cache=cache, stats=stats, step_cost=step_cost,
-                                       lookup=lookup, min_accepted=served_min_accepted(step_cost is not None)))
+                                       lookup=lookup, min_accepted=served_min_accepted(step_cost is not None),
+                                       corpus=corpus))
         count, ttft = drain(chunks, new_tokens, t0)
         return Sample(count, time.perf_counter() - t0, ttft, tuple(stats.accepted_lengths))
 
@@ -203,6 +205,7 @@ class SystemJob:
     block_sizes: tuple[int, ...]
     verify: str = "adaptive"
     lookup: bool = True
+    lookup_corpus: str | None = None
 
     def context_tokens(self, block_size: int = 0) -> int:
         """KV room to allocate: the longest prompt, the new tokens and one draft block (or lookup) past them.
@@ -271,12 +274,18 @@ def build_runners(job: SystemJob) -> tuple[dict[int, Runner], dict]:
     blocks = sorted({drafter.config.block_size, *job.block_sizes})
     facts["verify"] = job.verify
     facts["lookup"] = job.lookup
+    corpus = None
+    if job.lookup_corpus:
+        from ultraspeed.engine.lookup_corpus import LookupCorpus
+        corpus = LookupCorpus.load(job.lookup_corpus)
+        facts["lookup_corpus"] = {"path": job.lookup_corpus, "sequences": corpus.num_sequences}
     drafters = {b: with_block_size(drafter, b) for b in blocks}
     costs = ({b: measure_step_cost(loaded.model, d) for b, d in drafters.items()} if job.verify == "adaptive"
              else {})
     if costs:
         facts["step_costs"] = {str(b): asdict(c) for b, c in costs.items()}
-    return {b: ours_runner(loaded.model, cache, d, costs.get(b), job.lookup) for b, d in drafters.items()}, facts
+    return {b: ours_runner(loaded.model, cache, d, costs.get(b), job.lookup, corpus)
+            for b, d in drafters.items()}, facts
 
 
 def collect(runner: Runner, job: SystemJob, label: str) -> dict[str, list[Sample]]:
@@ -421,7 +430,8 @@ def run_report(cfg: ReportConfig, out_dir: Path) -> dict:
             report["systems"][name] = {"missing": reason}
             continue
         job = SystemJob(name, cfg.model, str(drafter) if drafter else None, prompts, cfg.new_tokens, cfg.repeats,
-                        cfg.threads, cfg.scale_rule, tuple(cfg.block_sizes), cfg.verify, cfg.lookup)
+                        cfg.threads, cfg.scale_rule, tuple(cfg.block_sizes), cfg.verify, cfg.lookup,
+                        cfg.lookup_corpus if cfg.lookup else None)
         done = load_measured(partial, job)
         if done is not None:
             report["systems"][name] = done
@@ -590,7 +600,9 @@ def format_markdown(report: dict) -> str:
                  "acceptance per domain: `ultraspeed bench acceptance`)." if cfg.get("verify", "adaptive") == "adaptive"
                  else "whole blocks (--verify full).")
               + (" Where the context repeats, drafts come from there (lookup drafts, as generate and serve run "
-                 "by default), elsewhere from the drafter." if cfg.get("lookup", False) else
+                 "by default)" + (", else from the target's own answers to training prompts where they match "
+                                  "(--lookup-corpus)" if cfg.get("lookup_corpus") else "")
+                 + ", elsewhere from the drafter." if cfg.get("lookup", False) else
                  " Drafts come from the drafter alone (--no-lookup)."),
               "- Every system runs alone in a fresh process. peak RSS: that process's peak resident memory "
               "(getrusage maxrss, loading included); extra: peak minus its resident memory after imports, before "

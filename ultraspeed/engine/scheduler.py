@@ -36,6 +36,7 @@ import torch
 from ultraspeed.engine.generate import GenerationStats
 from ultraspeed.engine.kv_cache import KVCache
 from ultraspeed.engine.sampler import SamplingParams, make_generator, sample
+from ultraspeed.engine.lookup_corpus import LookupCorpus
 from ultraspeed.engine.lookup_draft import NgramIndex
 from ultraspeed.engine.speculative import (append_context, features_of, gives_up, lookup_step, new_draft_cache,
                                            speculative_step)
@@ -222,8 +223,10 @@ class _SpeculativeLane:
     but may differ between running alone and in a batch (whole blocks make them identical)."""
 
     def __init__(self, target: Decoder, drafter: DFlashDrafter, rows: int, max_len: int, chunk: int,
-                 step_cost: StepCost | None = None, lookup: bool = False, static: bool = False) -> None:
+                 step_cost: StepCost | None = None, lookup: bool = False, static: bool = False,
+                 corpus: LookupCorpus | None = None) -> None:
         self.target, self.drafter, self.chunk, self.rows, self.lookup = target, drafter, chunk, rows, lookup
+        self.corpus = corpus
         self.cache = target.new_cache(rows, max_len)
         self.draft_cache = new_draft_cache(drafter, rows, self.cache.max_len)
         self.capture = drafter.config.target_layer_ids
@@ -243,7 +246,7 @@ class _SpeculativeLane:
                                         self.capture)
         self.draft_cache.reset(row)
         seq.pending = features
-        seq.lookup = NgramIndex.of(seq.request.prompt_ids) if self.lookup else None   # Engine._commit extends it
+        seq.lookup = NgramIndex.of(seq.request.prompt_ids, self.corpus) if self.lookup else None   # _commit extends
         self.seqs.append(seq)
         return logits
 
@@ -254,7 +257,7 @@ class _SpeculativeLane:
         self.cache.move_row(self.seqs.index(parent), row)
         self.draft_cache.reset(row)
         seq.pending = parent.pending
-        seq.lookup = NgramIndex.of(seq.request.prompt_ids) if self.lookup else None
+        seq.lookup = NgramIndex.of(seq.request.prompt_ids, self.corpus) if self.lookup else None
         self.seqs.append(seq)
 
     def step(self) -> list[list[int]]:
@@ -278,7 +281,7 @@ class _SpeculativeLane:
             if s.pending is not None:
                 append_context(self.drafter, self.draft_cache, row, s.pending)
                 s.pending = None
-        lookups = [s.lookup.propose(B - 1)[0] if s.lookup is not None else [] for s in self.seqs]
+        lookups = [s.lookup.draft(B - 1)[0] if s.lookup is not None else [] for s in self.seqs]
         b = len(self.seqs)
         result = self.runner.run(B, [s.last for s in self.seqs], self.cache.lengths[:b].tolist(),
                                  [s.request.params for s in self.seqs], [s.seed for s in self.seqs], lookups)
@@ -316,7 +319,10 @@ def check_drafter(model: Decoder, drafter: DFlashDrafter) -> None:
 
 
 class Engine:
-    def __init__(self, model: Decoder, config: EngineConfig, drafter: DFlashDrafter | None = None) -> None:
+    def __init__(self, model: Decoder, config: EngineConfig, drafter: DFlashDrafter | None = None,
+                 lookup_corpus: LookupCorpus | None = None) -> None:
+        """`lookup_corpus`: the target's earlier answers, drafted from where a request's own context has no
+        n-gram match (with EngineConfig.lookup; engine/lookup_corpus.py)."""
         self.model, self.config, self.drafter = model, config, drafter
         if drafter is not None:
             check_drafter(model, drafter)
@@ -330,7 +336,7 @@ class Engine:
                                  config.prefill_chunk, drafter.config.block_size - 1 if spec_rows else 0,
                                  static=static)
         self._spec = (_SpeculativeLane(model, drafter, spec_rows, self.context_limit, config.prefill_chunk,
-                                       lookup=config.lookup, static=static)
+                                       lookup=config.lookup, static=static, corpus=lookup_corpus)
                       if spec_rows else None)
         # Step costs for adaptive verification are timed on the engine's thread, with the threads it decodes with
         # (the static runtime verifies whole blocks).

@@ -26,7 +26,8 @@ import torch
 
 from ultraspeed.engine.generate import GenerationStats, check_prompt_fits, prefill, take_committed
 from ultraspeed.engine.kv_cache import KVCache
-from ultraspeed.engine.lookup_draft import NgramIndex, lookup_confidence
+from ultraspeed.engine.lookup_corpus import LookupCorpus
+from ultraspeed.engine.lookup_draft import NgramIndex
 from ultraspeed.engine.sampler import SamplingParams, inverse_cdf, make_generator, sample, token_distribution
 from ultraspeed.engine.verify_length import StepCost, choose_verify_length
 from ultraspeed.models.decoder import Decoder
@@ -87,10 +88,10 @@ def lookup_drafts(lookups: list[NgramIndex | None], slots: int,
     """Each row's lookup draft (up to `slots` tokens) and its estimated acceptance chances, padded to the longest
     ([b, n] each; n = 0 when no row finds one), and which rows found one. Padding and rows without an index or a
     match get chance 0: never worth verifying for themselves."""
-    found = [index.propose(slots) if index is not None else ([], 0) for index in lookups]
+    found = [index.draft(slots) if index is not None else ([], []) for index in lookups]
     width = max(len(tokens) for tokens, _ in found)
     drafts = [tokens + [0] * (width - len(tokens)) for tokens, _ in found]
-    chances = [lookup_confidence(n, len(tokens)) + [0.0] * (width - len(tokens)) for tokens, n in found]
+    chances = [confidence + [0.0] * (width - len(tokens)) for tokens, confidence in found]
     b = len(found)
     return (torch.tensor(drafts, dtype=torch.long, device=device).view(b, width),
             torch.tensor(chances, device=device).view(b, width), [bool(tokens) for tokens, _ in found])
@@ -254,12 +255,13 @@ def generate_speculative(target: Decoder, drafter: DFlashDrafter, prompt_ids: li
                          stop_ids: tuple[int, ...] = (), cache: KVCache | None = None,
                          stats: GenerationStats | None = None, min_accepted: float | None = 0.0,
                          probe_steps: int = 4, step_cost: StepCost | None = None,
-                         lookup: bool = False) -> Iterator[list[int]]:
+                         lookup: bool = False, corpus: LookupCorpus | None = None) -> Iterator[list[int]]:
     """Same contract as generate_plain, several tokens per target forward.
 
     `step_cost` (measure_step_cost) lets each step verify only the drafts worth their time; None verifies whole
     blocks, which is what a GPU wants anyway. `lookup` drafts from n-gram matches in the context where there
-    are some (prompt lookup), from the drafter elsewhere.
+    are some (prompt lookup), else from the `corpus` of the target's earlier answers where it has a match, from
+    the drafter elsewhere.
 
     If after `probe_steps` steps the drafter commits fewer than `min_accepted` tokens per step, verification
     costs more than it saves: the rest is decoded plainly from the same state (still exact), verifying only
@@ -285,7 +287,7 @@ def generate_speculative(target: Decoder, drafter: DFlashDrafter, prompt_ids: li
     logits, captured = prefill(target, cache, prompt_ids, capture_layers=drafter.config.target_layer_ids)
     new_tokens = [int(sample(logits, params, generator))]
     pending = [features_of(captured)]
-    index = NgramIndex.of(prompt_ids + new_tokens) if lookup else None
+    index = NgramIndex.of(prompt_ids + new_tokens, corpus) if lookup else None
     stats.prefill_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     plain = False

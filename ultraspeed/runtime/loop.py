@@ -14,6 +14,7 @@ import torch
 
 from ultraspeed.engine.generate import GenerationStats, check_prompt_fits, take_committed
 from ultraspeed.engine.kv_cache import KVCache
+from ultraspeed.engine.lookup_corpus import LookupCorpus
 from ultraspeed.engine.lookup_draft import NgramIndex
 from ultraspeed.engine.sampler import SamplingParams, inverse_cdf
 from ultraspeed.engine.speculative import append_context, features_of, new_draft_cache
@@ -111,10 +112,10 @@ def first_tokens(logits: torch.Tensor, lengths: list[int], sampling: SamplingBuf
 def generate_static(target: Decoder, prompt_ids: list[int], params: SamplingParams, stop_ids: tuple[int, ...] = (),
                     drafter: DFlashDrafter | None = None, stats: GenerationStats | None = None,
                     graphs: bool | None = None, backend: TorchBackend | None = None,
-                    lookup: bool = False) -> Iterator[list[int]]:
+                    lookup: bool = False, corpus: LookupCorpus | None = None) -> Iterator[list[int]]:
     """Decoding of one sequence through the static step, captured as a CUDA graph on a GPU (graphs None: there;
     eagerly elsewhere): plain decoding, or DFlash with `drafter` (and lookup drafts where the context repeats,
-    with `lookup`). Greedy or sampled; greedy output is generate_plain's, token for token, and sampling follows
+    with `lookup`, and from `corpus` where the context has none). Greedy or sampled; greedy output is generate_plain's, token for token, and sampling follows
     the same distribution (its uniforms are hashed from the seed, so the draws differ from the dynamic path's).
     Each step reads back only its small result; capture happens once, after the prefill."""
     B = drafter.config.block_size if drafter is not None else 1
@@ -141,7 +142,7 @@ def generate_static(target: Decoder, prompt_ids: list[int], params: SamplingPara
         step.sampling.load([params], [seed_of(params)])
     tokens = first_tokens(logits, [len(prompt_ids)], step.sampling)
     load_rows(step, tokens, [len(prompt_ids)])
-    index = NgramIndex.of(prompt_ids + tokens) if lookup and drafter is not None else None
+    index = NgramIndex.of(prompt_ids + tokens, corpus) if lookup and drafter is not None else None
     run = CapturedStep(step, graphs)
     stats.prefill_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -151,7 +152,7 @@ def generate_static(target: Decoder, prompt_ids: list[int], params: SamplingPara
         if done:
             return
         if index is not None:
-            draft, _ = index.propose(B - 1)
+            draft, _ = index.draft(B - 1)
             step.load_lookups([draft])
             stats.lookup_steps += bool(draft)
         result, _ = run()

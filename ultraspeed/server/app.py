@@ -104,12 +104,14 @@ class ServerState:
         return all(e.alive for e in self.unique_engines())
 
 
-def build_state(model, tokenizer: Tokenizer, drafter, config: ServerConfig, ultraspeed_model=None) -> ServerState:
+def build_state(model, tokenizer: Tokenizer, drafter, config: ServerConfig, ultraspeed_model=None,
+                lookup_corpus=None) -> ServerState:
     """Wire the engines (not started: the app's lifespan starts them) and the bookkeeping.
 
     With `ultraspeed_model` (the same model with MXFP4 experts) each tier gets its own engine, the way the
     ultraspeed product is its own deployment: its own weights, drafter, batch and capacity. Without it, one engine
-    serves both tiers as two scheduling groups over the same weights."""
+    serves both tiers as two scheduling groups over the same weights. `lookup_corpus` (engine/lookup_corpus.py)
+    goes to the engine with the drafter."""
     standard, ultraspeed = make_tiers(config.model_name, config.standard_max_running, config.ultraspeed_max_running,
                                       config.ultraspeed_multiplier,
                                       "mxfp4" if ultraspeed_model is not None else "original")
@@ -119,7 +121,7 @@ def build_state(model, tokenizer: Tokenizer, drafter, config: ServerConfig, ultr
                                            max_queue=config.max_queue, min_accepted=config.min_accepted,
                                            adaptive_verify=config.adaptive_verify, lookup=config.lookup,
                                            threads=config.engine_threads, runtime=config.runtime),
-                      with_drafter)
+                      with_drafter, lookup_corpus if with_drafter is not None else None)
     if ultraspeed_model is None:
         shared = engine(model, (standard, ultraspeed), drafter)
         engines = {"standard": shared, "ultraspeed": shared}
@@ -427,9 +429,9 @@ def model_name_from_source(source: str) -> str:
 
 
 def serve(model, tokenizer: Tokenizer, drafter, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
-          log_level: str = "info", ultraspeed_model=None) -> None:
+          log_level: str = "info", ultraspeed_model=None, lookup_corpus=None) -> None:
     """Run until SIGINT/SIGTERM, then drain: no new connections, in-flight requests finish (up to
     config.drain_seconds), then the engines stop."""
     import uvicorn
-    app = create_app(build_state(model, tokenizer, drafter, config, ultraspeed_model))
+    app = create_app(build_state(model, tokenizer, drafter, config, ultraspeed_model, lookup_corpus))
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(config.drain_seconds))
