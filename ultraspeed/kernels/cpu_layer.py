@@ -73,10 +73,11 @@ class FusedDenseLayer(DecoderLayer):
         self._shape = (c.hidden_size, attn.num_heads, attn.num_kv_heads, attn.head_dim,
                        mlp.down_proj.in_features)
         self._window = window
-        formats_and_pointers = [cpu_gemm.weight_pointers(w) for w in packed]
-        self._format = cpu_gemm.LAYER_FORMATS[formats_and_pointers[0][0], formats_and_pointers[2][0]]
+        # The format was decided by `supports` (through _format); the packed matrices only give their pointers.
+        self._format = cpu_gemm.LAYER_FORMATS[_format(attn.qkv_proj), _format(mlp.gate_up_proj)]
         self._pointers = ([t.data_ptr() for t in norms] + ([t.data_ptr() for t in qk_norms] or [0, 0])
-                          + [t.data_ptr() for t in self._rope] + [p for _, *ps in formats_and_pointers for p in ps])
+                          + [t.data_ptr() for t in self._rope]
+                          + [p for w in packed for p in cpu_gemm.weight_pointers(w)[1:]])
         self._eps, self._scale = float(self.input_layernorm.eps), float(attn.scale)
         if self.input_layernorm.eps != self.post_attention_layernorm.eps:
             raise ValueError("the fused layer assumes one RMSNorm epsilon per layer")
