@@ -191,6 +191,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace, loaded: LoadedModel, env: DistEnv | None, corpus) -> int:
+    if corpus is not None:
+        corpus.check_vocab(loaded.config.vocab_size)
     from ultraspeed.engine.generate import GenerationStats, generate_plain
     from ultraspeed.engine.sampler import SamplingParams
     from ultraspeed.drafters import drafter_for

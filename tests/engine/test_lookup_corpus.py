@@ -178,3 +178,13 @@ def test_cli_refuses_a_bad_corpus_before_loading_the_model(tmp_path, capsys):
     assert main(["build-lookup-corpus", "--out", str(tmp_path / "corpus.txt")]) == 2
     assert "--out must name a .npz file" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_a_corpus_for_another_vocabulary_is_refused(target):
+    from ultraspeed.engine.scheduler import Engine, EngineConfig
+    corpus = LookupCorpus.build([[1, 2, 3, 4, 5, target.config.vocab_size]])
+    with pytest.raises(UltraSpeedError, match="beyond this model's vocabulary"):
+        corpus.check_vocab(target.config.vocab_size)
+    with pytest.raises(UltraSpeedError, match="built for another model"):
+        Engine(target, EngineConfig(lookup=True), make_drafter(target, 4), lookup_corpus=corpus)
+    LookupCorpus.build([[1, 2, 3, 4, 5]]).check_vocab(target.config.vocab_size)

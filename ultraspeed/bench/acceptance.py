@@ -82,6 +82,8 @@ def run_acceptance_bench(loaded, drafter: DFlashDrafter, cfg: AcceptanceConfig) 
     # Every timed configuration: plain decoding, then each block size in each mode (name, verify, lookup,
     # min_accepted: 0 never gives up on the drafter, the served mode gives up as generate does; corpus drafts).
     corpus = LookupCorpus.load(cfg.lookup_corpus) if cfg.lookup and cfg.lookup_corpus else None
+    if corpus is not None:
+        corpus.check_vocab(model.config.vocab_size)
     served = ("adaptive" if cfg.adaptive else "full", True, served_min_accepted(cfg.adaptive))
     modes = ([("full", "full", False, 0.0, False)]
              + ([("adaptive", "adaptive", False, 0.0, False)] if cfg.adaptive else [])

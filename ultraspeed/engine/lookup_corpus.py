@@ -85,6 +85,13 @@ class LookupCorpus:
     def num_sequences(self) -> int:
         return len(self.starts) - 1
 
+    def check_vocab(self, vocab_size: int) -> None:
+        """A corpus written in another model's token ids would draft ids this model cannot embed: refuse it."""
+        largest = int(self.tokens.max()) if len(self.tokens) else -1
+        if largest >= vocab_size:
+            raise UltraSpeedError(f"the lookup corpus holds token id {largest}, beyond this model's vocabulary of "
+                                  f"{vocab_size}: it was built for another model (--lookup-corpus none skips it)")
+
     def propose(self, context: list[int], length: int) -> tuple[list[int], int]:
         """(up to `length` tokens that followed the longest n-gram ending `context`, n), or ([], 0)."""
         for n in range(min(self.max_n, len(context)), self.min_n - 1, -1):

@@ -326,6 +326,8 @@ class Engine:
         self.model, self.config, self.drafter = model, config, drafter
         if drafter is not None:
             check_drafter(model, drafter)
+        if lookup_corpus is not None:
+            lookup_corpus.check_vocab(model.config.vocab_size)
         self.groups = {g.name: g for g in config.groups}
         self.context_limit = min(config.max_len, model.config.max_position)
         spec_rows = sum(g.max_running for g in config.groups if g.speculative) if drafter is not None else 0
