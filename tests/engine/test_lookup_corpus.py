@@ -188,3 +188,16 @@ def test_a_corpus_for_another_vocabulary_is_refused(target):
     with pytest.raises(UltraSpeedError, match="built for another model"):
         Engine(target, EngineConfig(lookup=True), make_drafter(target, 4), lookup_corpus=corpus)
     LookupCorpus.build([[1, 2, 3, 4, 5]]).check_vocab(target.config.vocab_size)
+
+
+def test_a_corpus_draft_must_promise_more_than_the_drafter_gets_accepted():
+    corpus = LookupCorpus.build([[1, 5, 6, 7, 8, 9, 10, 11, 12]])
+    index = NgramIndex.of([4, 5, 6, 7, 8], corpus)
+    promise = lookup_confidence(4, 4, CORPUS_SLOT_ACCEPTANCE)
+    assert index.draft(4) == ([9, 10, 11, 12], promise)          # the drafter has not run yet
+    index.record_drafter_step(3)                                  # the drafter got 3 drafts accepted
+    assert index.drafter_rate == 3.0 and index.draft(4) == ([], [])
+    assert index.draft(4, drafter=False) == ([9, 10, 11, 12], promise)    # after giving up on the drafter
+    for _ in range(10):
+        index.record_drafter_step(0)                              # ... or once the drafter stops paying
+    assert index.drafter_rate < 0.2 and index.draft(4) == ([9, 10, 11, 12], promise)

@@ -47,6 +47,9 @@ class NgramIndex:
     tokens: list[int] = field(default_factory=list)
     after: dict[tuple[int, ...], int] = field(default_factory=dict)
     corpus: LookupCorpus | None = None
+    # Drafts the trained drafter got accepted per step of this sequence (moving average; None before its first
+    # step): a corpus draft promising fewer is left to the drafter.
+    drafter_rate: float | None = None
 
     @classmethod
     def of(cls, tokens: list[int], corpus: LookupCorpus | None = None) -> "NgramIndex":
@@ -70,19 +73,27 @@ class NgramIndex:
                 return self.tokens[start:start + length], n
         return [], 0
 
-    def draft(self, length: int) -> tuple[list[int], list[float]]:
+    def draft(self, length: int, drafter: bool = True) -> tuple[list[int], list[float]]:
         """Up to `length` draft tokens and their estimated acceptance chances: the sequence's own continuation or
         the corpus's, whichever promises more accepted tokens (a match at the very end of the context may leave
-        only a token or two to copy); none where neither has a match."""
+        only a token or two to copy); none where neither has a match. With `drafter` (the trained drafter is
+        there to run instead), a corpus draft must also promise more than the drafter has been getting accepted
+        on this sequence: another prompt's text is a weaker guide than a good drafter."""
         tokens, n = self.propose(length)
         best = (tokens, lookup_confidence(n, len(tokens))) if tokens else ([], [])
         if self.corpus is not None:
             other, m = self.corpus.propose(self.tokens[-self.corpus.max_n:], length)
             if other:
-                candidate = (other, lookup_confidence(m, len(other), CORPUS_SLOT_ACCEPTANCE))
-                if expected_accepted(candidate[1]) > expected_accepted(best[1]):
-                    best = candidate
+                chances = lookup_confidence(m, len(other), CORPUS_SLOT_ACCEPTANCE)
+                bar = max(expected_accepted(best[1]), (self.drafter_rate or 0.0) if drafter and not best[0] else 0)
+                if expected_accepted(chances) > bar:
+                    best = (other, chances)
         return best
+
+    def record_drafter_step(self, accepted: int, weight: float = 0.25) -> None:
+        """A step drafted by the trained drafter had `accepted` of its drafts accepted."""
+        rate = self.drafter_rate
+        self.drafter_rate = float(accepted) if rate is None else (1 - weight) * rate + weight * accepted
 
 
 def expected_accepted(chances: list[float]) -> float:

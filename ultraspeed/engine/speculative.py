@@ -83,12 +83,12 @@ def _block_inputs(drafter: DFlashDrafter, draft_cache: KVCache,
     return positions, context, mask.unsqueeze(1)
 
 
-def lookup_drafts(lookups: list[NgramIndex | None], slots: int,
-                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+def lookup_drafts(lookups: list[NgramIndex | None], slots: int, device: torch.device,
+                  drafter: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
     """Each row's lookup draft (up to `slots` tokens) and its estimated acceptance chances, padded to the longest
     ([b, n] each; n = 0 when no row finds one), and which rows found one. Padding and rows without an index or a
     match get chance 0: never worth verifying for themselves."""
-    found = [index.draft(slots) if index is not None else ([], []) for index in lookups]
+    found = [index.draft(slots, drafter) if index is not None else ([], []) for index in lookups]
     width = max(len(tokens) for tokens, _ in found)
     drafts = [tokens + [0] * (width - len(tokens)) for tokens, _ in found]
     chances = [confidence + [0.0] * (width - len(tokens)) for tokens, confidence in found]
@@ -207,6 +207,9 @@ def speculative_step(target: Decoder, drafter: DFlashDrafter, cache: KVCache, dr
         drafts = drafts[:, :choose_verify_length(confidence, cost)]
     committed, new_pending = verify_drafts(target, cache, anchor_ids, drafts, params, generators,
                                            drafter.config.target_layer_ids)
+    for row, (tokens, looked) in enumerate(zip(committed, looked_up)):
+        if lookups is not None and lookups[row] is not None and not looked:
+            lookups[row].record_drafter_step(len(tokens) - 1)
     return committed, new_pending, drafts.shape[1], looked_up
 
 
@@ -218,7 +221,7 @@ def lookup_step(target: Decoder, cache: KVCache, anchors: list[int], lookups: li
     its time). With no lookup draft at all, this is exactly a plain decode step. Returns the tokens each row
     commits, the number of drafts verified and which rows looked up."""
     anchor_ids = torch.tensor(anchors, device=target.embed_tokens.weight.device)
-    drafts, confidence, looked_up = lookup_drafts(lookups, slots, anchor_ids.device)
+    drafts, confidence, looked_up = lookup_drafts(lookups, slots, anchor_ids.device, drafter=False)
     if step_cost is not None:
         drafts = drafts[:, :choose_verify_length(confidence, dataclasses.replace(step_cost, draft=0.0))]
     committed, _ = verify_drafts(target, cache, anchor_ids, drafts, params, generators)
