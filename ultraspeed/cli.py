@@ -789,8 +789,8 @@ def build_parser() -> argparse.ArgumentParser:
     lc = sub.add_parser("build-lookup-corpus", help="the target's greedy answers to training prompts, as a corpus "
                         "to draft from where a request's own context has no match (--lookup-corpus)")
     lc.add_argument("--model", default="default", help="target model (directory, .gguf or 'default')")
-    lc.add_argument("--prompts", type=int, nargs=4, default=[120, 200, 200, 120], metavar=("CODE", "MATH", "CHAT",
-                    "AGENT"), help="training prompts per domain (default 120 200 200 120)")
+    lc.add_argument("--prompts", type=int, nargs=4, default=[240, 400, 400, 240], metavar=("CODE", "MATH", "CHAT",
+                    "AGENT"), help="training prompts per domain (default 240 400 400 240: the shipped corpus)")
     lc.add_argument("--max-new-tokens", type=int, default=128)
     lc.add_argument("--batch", type=int, default=16, help="sequences decoded at once")
     lc.add_argument("--weights", choices=["auto", "fp32", "int8", "q4"], default="auto",

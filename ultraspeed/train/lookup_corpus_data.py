@@ -2,7 +2,7 @@
 domain, kept with their prompts, in the weight format it is served in. The held-out prompts that `bench
 acceptance` measures on are never used (train/prompts.py splits them).
 
-    ultraspeed build-lookup-corpus --prompts 120 200 200 120 --out corpus.npz
+    ultraspeed build-lookup-corpus --prompts 240 400 400 240 --out corpus.npz
 """
 
 from __future__ import annotations
