@@ -195,9 +195,11 @@ def test_a_corpus_draft_must_promise_more_than_the_drafter_gets_accepted():
     index = NgramIndex.of([4, 5, 6, 7, 8], corpus)
     promise = lookup_confidence(4, 4, CORPUS_SLOT_ACCEPTANCE)
     assert index.draft(4) == ([9, 10, 11, 12], promise)          # the drafter has not run yet
-    index.record_drafter_step(3)                                  # the drafter got 3 drafts accepted
+    index.record_step(9, looked_up=True)                          # lookup steps leave the drafter's rate alone
+    assert index.drafter_rate is None
+    index.record_step(4, looked_up=False)                         # the drafter got 3 drafts accepted
     assert index.drafter_rate == 3.0 and index.draft(4) == ([], [])
     assert index.draft(4, drafter=False) == ([9, 10, 11, 12], promise)    # after giving up on the drafter
     for _ in range(10):
-        index.record_drafter_step(0)                              # ... or once the drafter stops paying
+        index.record_step(1, looked_up=False)                     # ... or once the drafter stops paying
     assert index.drafter_rate < 0.2 and index.draft(4) == ([9, 10, 11, 12], promise)

@@ -81,9 +81,8 @@ def run_acceptance_bench(loaded, drafter: DFlashDrafter, cfg: AcceptanceConfig) 
     report["step_costs"] = {str(b): dataclasses.asdict(c) for b, c in costs.items()}
     # Every timed configuration: plain decoding, then each block size in each mode (name, verify, lookup,
     # min_accepted: 0 never gives up on the drafter, the served mode gives up as generate does; corpus drafts).
-    corpus = LookupCorpus.load(cfg.lookup_corpus) if cfg.lookup and cfg.lookup_corpus else None
-    if corpus is not None:
-        corpus.check_vocab(model.config.vocab_size)
+    corpus = (LookupCorpus.load(cfg.lookup_corpus, model.config.vocab_size) if cfg.lookup and cfg.lookup_corpus
+              else None)
     served = ("adaptive" if cfg.adaptive else "full", True, served_min_accepted(cfg.adaptive))
     modes = ([("full", "full", False, 0.0, False)]
              + ([("adaptive", "adaptive", False, 0.0, False)] if cfg.adaptive else [])

@@ -277,8 +277,7 @@ def build_runners(job: SystemJob) -> tuple[dict[int, Runner], dict]:
     corpus = None
     if job.lookup_corpus:
         from ultraspeed.engine.lookup_corpus import LookupCorpus
-        corpus = LookupCorpus.load(job.lookup_corpus)
-        corpus.check_vocab(loaded.model.config.vocab_size)
+        corpus = LookupCorpus.load(job.lookup_corpus, loaded.model.config.vocab_size)
         facts["lookup_corpus"] = {"path": job.lookup_corpus, "sequences": corpus.num_sequences}
     drafters = {b: with_block_size(drafter, b) for b in blocks}
     costs = ({b: measure_step_cost(loaded.model, d) for b, d in drafters.items()} if job.verify == "adaptive"

@@ -108,8 +108,9 @@ class LookupCorpus:
                             ngrams=np.array([self.min_n, self.max_n]))
 
     @classmethod
-    def load(cls, path: Path | str) -> "LookupCorpus":
-        """Rebuilds the index from the saved sequences (the file holds only the tokens: ~4 bytes each)."""
+    def load(cls, path: Path | str, vocab_size: int | None = None) -> "LookupCorpus":
+        """Rebuilds the index from the saved sequences (the file holds only the tokens: ~4 bytes each); with
+        `vocab_size`, refuses a corpus of another model's token ids (check_vocab)."""
         try:
             with np.load(path) as f:
                 tokens, starts, (min_n, max_n) = f["tokens"].astype(np.int64), f["starts"], f["ngrams"]
@@ -118,4 +119,7 @@ class LookupCorpus:
         if len(starts) < 1 or starts[0] != 0 or starts[-1] != len(tokens) or np.any(np.diff(starts) < 0):
             raise UltraSpeedError(f"{path}: corrupt lookup corpus (sequence bounds do not match its tokens)")
         sequences = [tokens[a:b].tolist() for a, b in zip(starts[:-1], starts[1:])]
-        return cls.build(sequences, int(min_n), int(max_n))
+        corpus = cls.build(sequences, int(min_n), int(max_n))
+        if vocab_size is not None:
+            corpus.check_vocab(vocab_size)
+        return corpus

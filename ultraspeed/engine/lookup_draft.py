@@ -90,14 +90,19 @@ class NgramIndex:
                     best = (other, chances)
         return best
 
-    def record_drafter_step(self, accepted: int, weight: float = 0.25) -> None:
-        """A step drafted by the trained drafter had `accepted` of its drafts accepted."""
-        rate = self.drafter_rate
+    def record_step(self, committed: int, looked_up: bool, weight: float = 0.25) -> None:
+        """A step of this sequence committed `committed` tokens (its accepted drafts and the bonus token), from a
+        lookup draft or from the trained drafter's; the drafter's steps update drafter_rate."""
+        if looked_up:
+            return
+        accepted, rate = committed - 1, self.drafter_rate
         self.drafter_rate = float(accepted) if rate is None else (1 - weight) * rate + weight * accepted
 
 
 def expected_accepted(chances: list[float]) -> float:
-    """Expected accepted drafts when each is accepted with its chance given the ones before it were."""
+    """Expected accepted drafts when each is accepted with its chance given the ones before it were: the
+    verify-length rule's expected_tokens (less the bonus token) for one short list on the host, where building
+    tensors would cost ~100x this loop (65 vs 0.7 us) on every step."""
     total, alive = 0.0, 1.0
     for c in chances:
         alive *= c

@@ -291,8 +291,8 @@ class _SpeculativeLane:
             self.draft_cache.lengths[row] = self.cache.lengths[row]
             s.stats.drafts_verified.append(B - 1)
             s.stats.lookup_steps += bool(draft)
-            if s.lookup is not None and not draft:
-                s.lookup.record_drafter_step(len(tokens) - 1)
+            if s.lookup is not None:
+                s.lookup.record_step(len(tokens), bool(draft))
         return committed
 
     def remove(self, row: int) -> None:

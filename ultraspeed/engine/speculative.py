@@ -207,9 +207,9 @@ def speculative_step(target: Decoder, drafter: DFlashDrafter, cache: KVCache, dr
         drafts = drafts[:, :choose_verify_length(confidence, cost)]
     committed, new_pending = verify_drafts(target, cache, anchor_ids, drafts, params, generators,
                                            drafter.config.target_layer_ids)
-    for row, (tokens, looked) in enumerate(zip(committed, looked_up)):
-        if lookups is not None and lookups[row] is not None and not looked:
-            lookups[row].record_drafter_step(len(tokens) - 1)
+    for index, tokens, looked in zip(lookups or [], committed, looked_up):
+        if index is not None:
+            index.record_step(len(tokens), looked)
     return committed, new_pending, drafts.shape[1], looked_up
 
 

@@ -158,8 +158,7 @@ def generate_static(target: Decoder, prompt_ids: list[int], params: SamplingPara
         result, _ = run()
         tokens = committed_tokens(result)[0] if drafter is not None else [int(result[0])]
         if index is not None:
-            if not draft:
-                index.record_drafter_step(len(tokens) - 1)
+            index.record_step(len(tokens), bool(draft))
             index.extend(tokens)
         stats.target_forwards += 1
         stats.accepted_lengths.append(len(tokens))
