@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import torch
@@ -97,3 +98,29 @@ def ours_from_hf(model, directory: Path, dtype=torch.float32):
 @torch.no_grad()
 def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids).logits
+
+
+class Collector:
+    """Gathers one engine request's updates (engine/scheduler.py) and signals its final one."""
+
+    def __init__(self):
+        self.tokens, self.updates, self.final, self.done = [], [], None, threading.Event()
+
+    def __call__(self, update):
+        assert not self.done.is_set(), "update after the final one"
+        self.updates.append(update)
+        self.tokens += update.token_ids
+        if update.done:
+            self.final = update
+            self.done.set()
+
+
+def run_requests(engine, requests, timeout=60):
+    """Submit EngineRequests together, wait for each one's final update; -> their Collectors, in order."""
+    collectors = [Collector() for _ in requests]
+    for r, c in zip(requests, collectors):
+        r.on_update = c
+    engine.submit(requests)
+    for c in collectors:
+        assert c.done.wait(timeout)
+    return collectors

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.engine.test_speculative import make_drafter, plain_tokens
-from tests.helpers import hf_model, ours_from_hf
+from tests.helpers import hf_model, ours_from_hf, run_requests
 from ultraspeed.engine import speculative
 from ultraspeed.engine.generate import GenerationStats
 from ultraspeed.engine.lookup_corpus import LookupCorpus
@@ -115,8 +115,6 @@ def test_drafting_from_the_corpus_is_lossless_and_pays_when_it_knows_the_answer(
 
 
 def test_the_serving_engine_and_the_static_runtime_draft_from_the_corpus(target):
-    import threading
-
     from ultraspeed.engine.scheduler import Engine, EngineConfig, EngineRequest, GroupConfig
     from ultraspeed.runtime.loop import generate_static
     params = SamplingParams(max_tokens=24, ignore_eos=True)
@@ -130,19 +128,11 @@ def test_the_serving_engine_and_the_static_runtime_draft_from_the_corpus(target)
         config = EngineConfig(groups=(GroupConfig("ultraspeed", 1, speculative=True),), max_len=64, lookup=True,
                               adaptive_verify=False, runtime=runtime)
         engine = Engine(target, config, make_drafter(target, 4), lookup_corpus=corpus).start()
-        got, done = [], threading.Event()
-
-        def on_update(update):
-            got.extend(update.token_ids)
-            if update.done:
-                done.set()
-                assert update.stats.mean_accepted > 3
         try:
-            engine.submit([EngineRequest(PROMPT, params, on_update, group="ultraspeed")])
-            assert done.wait(60)
+            reply, = run_requests(engine, [EngineRequest(PROMPT, params, None, group="ultraspeed")])
         finally:
             engine.stop()
-        assert got == truth
+        assert reply.tokens == truth and reply.final.stats.mean_accepted > 3
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

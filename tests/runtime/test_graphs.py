@@ -163,8 +163,7 @@ def test_cuda_graph_sampled_speculative_step_equals_eager(tmp_path):
 def test_cuda_graph_serving_engine_equals_plain_greedy(tmp_path):
     """On a CUDA machine: the serving engine with runtime="static" captures a step per batch bucket on its own
     thread and serves both lanes with exactly plain greedy's tokens."""
-    import threading
-
+    from tests.helpers import run_requests
     from ultraspeed.engine.generate import generate_plain
     from ultraspeed.engine.sampler import SamplingParams
     from ultraspeed.engine.scheduler import Engine, EngineConfig, EngineRequest, GroupConfig
@@ -178,19 +177,10 @@ def test_cuda_graph_serving_engine_equals_plain_greedy(tmp_path):
     engine = Engine(model, config, drafter).start()
     params = SamplingParams(max_tokens=10, ignore_eos=True)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9, 10], [11, 12, 13, 14]]
-    got, done = [[] for _ in prompts], [threading.Event() for _ in prompts]
-
-    def collect(i):
-        def on_update(update):
-            got[i].extend(update.token_ids)
-            if update.done:
-                done[i].set()
-        return on_update
     try:
-        engine.submit([EngineRequest(p, params, collect(i), group=("standard", "ultraspeed")[i % 2])
-                       for i, p in enumerate(prompts)])
-        assert all(d.wait(120) for d in done)
+        got = run_requests(engine, [EngineRequest(p, params, None, group=("standard", "ultraspeed")[i % 2])
+                                    for i, p in enumerate(prompts)], timeout=120)
     finally:
         engine.stop()
-    assert got == [sum(generate_plain(model, p, params), []) for p in prompts]
+    assert [c.tokens for c in got] == [sum(generate_plain(model, p, params), []) for p in prompts]
     assert all(step.graph is not None for step in engine._spec.runner.graphs.steps.values())

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from tests.helpers import Collector, run_requests as run
 from ultraspeed.engine.generate import generate_plain
 from ultraspeed.engine.sampler import SamplingParams
 from ultraspeed.engine.scheduler import Engine, EngineConfig, EngineRequest, GroupConfig, QueueFull
@@ -16,33 +17,8 @@ from ultraspeed.engine.scheduler import Engine, EngineConfig, EngineRequest, Gro
 GROUPS = (GroupConfig("standard", 3), GroupConfig("ultraspeed", 2, speculative=True))
 
 
-class Collector:
-    """Gathers one request's updates and signals its final one."""
-
-    def __init__(self):
-        self.tokens, self.updates, self.final, self.done = [], [], None, threading.Event()
-
-    def __call__(self, update):
-        assert not self.done.is_set(), "update after the final one"
-        self.updates.append(update)
-        self.tokens += update.token_ids
-        if update.done:
-            self.final = update
-            self.done.set()
-
-
 def prompts(n):
     return [[(7 * i + j) % 120 + 1 for j in range(3 + i % 5)] for i in range(n)]
-
-
-def run(engine, requests, timeout=60):
-    collectors = [Collector() for _ in requests]
-    for r, c in zip(requests, collectors):
-        r.on_update = c
-    engine.submit(requests)
-    for c in collectors:
-        assert c.done.wait(timeout)
-    return collectors
 
 
 @pytest.fixture
