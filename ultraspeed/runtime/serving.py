@@ -34,6 +34,7 @@ class StaticRunner:
     def __init__(self, make_step: Callable[[int, int, bool], StaticStepLike], rows: int,
                  graphs: bool | None = None) -> None:
         self.graphs = StepGraphs(make_step, batch_buckets(rows), enabled=graphs)
+        self.loaded: dict[int, tuple] = {}     # id(step) -> the (params, seeds) its sampling buffers hold
 
     def run(self, block: int, tokens: Sequence[int], lengths: Sequence[int], params: Sequence[SamplingParams],
             seeds: Sequence[int], lookups: Sequence[list[int]] | None = None) -> torch.Tensor:
@@ -45,8 +46,10 @@ class StaticRunner:
         captured = self.graphs.get(n, block, sampling)
         step: Any = captured.step
         load_rows(step, tokens, lengths)
-        if sampling:
+        # The same rows keep the same parameters from step to step: rewrite the buffers only when they change.
+        if sampling and self.loaded.get(id(step)) != (key := (tuple(params), tuple(seeds))):
             step.sampling.load(params, seeds)
+            self.loaded[id(step)] = key
         if lookups is not None:
             step.load_lookups(list(lookups))
         result, _ = captured()
