@@ -2,7 +2,9 @@
 
 - step time of plain decoding (b rows, one token each) and of greedy DFlash speculative decoding (drafter forward
   + target verify of the block + acceptance), each eager (the static step launched from Python) and replayed as
-  one CUDA graph; for the default model also the dynamic path (`Decoder.forward`, torch ops) as a baseline;
+  one CUDA graph (and, captured only: sampled variants of both, and the speculative step of rows that all
+  drafted by lookup, which skips the drafter); for the default model also the dynamic path (`Decoder.forward`,
+  torch ops) as a baseline;
 - the time between kernels: a torch.profiler kernel timeline of a few steps, the idle time between consecutive
   kernels (and copies) summed per step;
 - achieved bandwidth: the fewest bytes a step must read (weights once, only the experts the routing picked, the
@@ -215,7 +217,9 @@ def render_markdown(meta: dict, rows: list[dict], checks: list[dict], sweep: lis
         "step). Gaps: idle GPU time between consecutive kernels/copies per step, from a torch.profiler kernel "
         "timeline (merged across streams). BW: the fewest bytes a step must move (weights once, experts the "
         "routing picked, valid KV) over the step time, as a fraction of the copy bandwidth. Random drafters "
-        "accept ~nothing: speculative rows are the cost of one draft + verify step.",
+        "accept ~nothing: speculative rows are the cost of one draft + verify step; 'lookup only' is the step of "
+        "rows that all drafted by lookup (no drafter forward), so its difference to 'speculative' is the drafter's "
+        "share of a step.",
         "",
         "| case | batch | mode | graph | step ms | tok/step | tok/s | kernels | busy ms | gaps ms | idle % "
         "| MB/step | GB/s | of copy BW |",
@@ -550,13 +554,16 @@ def run_case(case: Case, batches: list[int], context: int, steps: int, profile_s
         fp = footprint(model, drafter, cache, draft_cache)
 
         # The sampled steps (temperature 0.8, top-p 0.95, as chat clients ask) are timed captured only: what
-        # sampling inside the graph adds to a step.
+        # sampling inside the graph adds to a step; so is the step of rows that all drafted by lookup (no
+        # drafter forward): what the drafter costs a step.
         modes: list[tuple[str, Any, tuple[bool, ...]]] = [
             ("plain", DecodeStep(model, cache, b, backend), graph_modes),
             ("speculative", SpeculativeStep(model, drafter, cache, draft_cache, b, backend), graph_modes),
             ("plain, sampled", DecodeStep(model, cache, b, backend, sampling=True), graph_modes[-1:]),
             ("speculative, sampled", SpeculativeStep(model, drafter, cache, draft_cache, b, backend, sampling=True),
-             graph_modes[-1:])]
+             graph_modes[-1:]),
+            ("speculative, lookup only",
+             SpeculativeStep(model, drafter, cache, draft_cache, b, backend).without_drafter(), graph_modes[-1:])]
         for mode, step, graphs_for_mode in modes:
             if step.sampling is not None:
                 step.sampling.load([SamplingParams(temperature=0.8, top_p=0.95)] * b, list(range(b)))
@@ -564,7 +571,8 @@ def run_case(case: Case, batches: list[int], context: int, steps: int, profile_s
             load_rows(step, tokens, lengths)
             active = count_active_experts(model, step.step)
             load_rows(step, tokens, lengths)
-            bytes_ = step_bytes(fp, sum(active), b, context, T, speculative=mode.startswith("speculative"))
+            drafts = getattr(step, "runs_drafter", False)       # the lookup-only step reads no drafter weights
+            bytes_ = step_bytes(fp, sum(active), b, context, T, speculative=drafts)
 
             def readback(out):          # plain: next tokens; speculative: the [b, B+1] result
                 return out[0].cpu()

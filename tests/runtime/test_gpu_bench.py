@@ -161,13 +161,16 @@ def test_measuring_loop_runs_on_cpu(gb):
     drafter = gb.random_drafter(model, "cpu", torch.float32, block_size=4, num_layers=1)
     rows = gb.run_case(gb.Case("tiny", model, drafter), [1, 2], context=16, steps=2, profile_steps=1,
                        backend_name="torch", copy_bps=1e10, dynamic_baseline=True, graph_modes=(False,))
-    modes = ["plain", "speculative", "plain, sampled", "speculative, sampled", "plain-dynamic"]
+    modes = ["plain", "speculative", "plain, sampled", "speculative, sampled", "speculative, lookup only",
+             "plain-dynamic"]
     assert [(r["batch"], r["mode"]) for r in rows] == [(b, mode) for b in (1, 2) for mode in modes]
     for r in rows:
         assert r["step_ms"] > 0 and r["bytes_per_step"] > 0 and 0 < r["bw_fraction"]
         assert r["tokens_per_step"] >= 1
     spec = rows[1]
     assert len(spec["active_experts"]) == 6 and spec["bytes"]["expert_weights"] > rows[0]["bytes"]["expert_weights"]
+    lookup_only = rows[4]                       # no drafter forward: no drafter weights read
+    assert lookup_only["bytes"]["dense_weights"] == rows[0]["bytes"]["dense_weights"] < spec["bytes"]["dense_weights"]
     assert "| tiny | 2 | speculative | no |" in gb.render_markdown({"date": "d", "device": "cpu"}, rows, [])
 
 

@@ -242,6 +242,39 @@ def test_windowed_and_causal_drafters(models, kw):
     assert speculative_greedy(target, drafter, PROMPTS, 10) == greedy(target, PROMPTS, 10)
 
 
+def test_the_step_without_drafter_verifies_lookup_drafts_only(models):
+    """`without_drafter()` shares the step's buffers and caches and never runs the drafter: a right lookup draft
+    commits a whole block, a wrong one (or none) only the bonus token, and alternating with the drafter's step
+    on the same buffers still gives plain greedy output."""
+    target = models("qwen3")
+    B = 4
+    drafter = make_drafter(target, B)
+    prompt = PROMPTS[2]
+    truth = greedy(target, [prompt], 12 * B + 1)[0]
+    cache = target.new_cache(1, 64)
+    draft_cache = speculative.new_draft_cache(drafter, 1, 64)
+    logits, features = prefill_rows(target, cache, [prompt], drafter.config.target_layer_ids)
+    speculative.append_context(drafter, draft_cache, 0, speculative.features_of(features[0]))
+    step = SpeculativeStep(target, drafter, cache, draft_cache, 1)
+    twin = step.without_drafter()
+    assert twin.anchors is step.anchors and twin.lengths is step.lengths and step.runs_drafter
+    twin.draft = lambda: pytest.fail("the step without drafter ran the drafter")
+    load_rows(step, [int(logits.argmax(-1))], [len(prompt)])
+    got, committed_per_step = [int(logits.argmax(-1))], []
+    for i in range(12):
+        done = len(got)
+        lookup = truth[done:done + B - 1]
+        if i % 3 == 1:
+            lookup = [(lookup[0] + 1) % target.config.vocab_size] + lookup[1:]      # wrong from the first slot
+        step.load_lookups([lookup if i % 3 != 2 else []])
+        result, _ = (twin if i % 3 != 2 else step).step()
+        tokens = committed_tokens(result)[0]
+        got += tokens
+        committed_per_step.append(len(tokens))
+    assert got == truth[:len(got)]
+    assert committed_per_step[0::3] == [B] * 4 and committed_per_step[1::3] == [1] * 4
+
+
 # ------------------------------------------------------------------------------------------- no host reads
 
 

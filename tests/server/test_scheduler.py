@@ -271,6 +271,7 @@ def test_static_runtime_lanes_match_single_sequence_greedy(tiny):
         plain, spec = engine._plain.runner.graphs.steps, engine._spec.runner.graphs.steps
         assert plain and spec and not any(key[2] for key in [*plain, *spec])       # greedy steps only
         assert {key[0] for key in plain} <= {1, 2, 4, 5} and {key[:2] for key in spec} <= {(1, 4), (2, 4)}
+        assert any(key[3] for key in spec)        # steps where every row looked up skipped the drafter
     finally:
         engine.stop()
 

@@ -160,8 +160,10 @@ class _PlainLane:
         self.rows = rows
         self.seqs: list[_Sequence] = []
         self.lookup_slots, self.step_cost = lookup_slots, step_cost
-        self.runner = (StaticRunner(lambda b, _, sampling: DecodeStep(model, self.cache, b, sampling=sampling), rows)
-                       if static and rows else None)
+        self.runner = StaticRunner(self._make_step, rows) if static and rows else None
+
+    def _make_step(self, batch: int, _block: int, sampling: bool, _lookup_only: bool) -> DecodeStep:
+        return DecodeStep(self.model, self.cache, batch, sampling=sampling)
 
     def admit(self, seq: _Sequence) -> torch.Tensor:
         """Prefill the prompt into the next free row; returns the last position's logits."""
@@ -232,13 +234,15 @@ class _SpeculativeLane:
         self.capture = drafter.config.target_layer_ids
         self.seqs: list[_Sequence] = []
         self.step_cost = step_cost            # None: verify whole blocks
-        self.runner = (StaticRunner(lambda b, _, sampling: SpeculativeStep(target, drafter, self.cache,
-                                                                           self.draft_cache, b, sampling=sampling),
-                                    rows) if static else None)
+        self.runner = StaticRunner(self._make_step, rows) if static else None
 
     @property
     def block_size(self) -> int:
         return self.drafter.config.block_size
+
+    def _make_step(self, batch: int, _block: int, sampling: bool, lookup_only: bool) -> SpeculativeStep:
+        step = SpeculativeStep(self.target, self.drafter, self.cache, self.draft_cache, batch, sampling=sampling)
+        return step.without_drafter() if lookup_only else step
 
     def admit(self, seq: _Sequence) -> torch.Tensor:
         row = len(self.seqs)

@@ -144,6 +144,7 @@ def generate_static(target: Decoder, prompt_ids: list[int], params: SamplingPara
     load_rows(step, tokens, [len(prompt_ids)])
     index = NgramIndex.of(prompt_ids + tokens, corpus) if lookup and drafter is not None else None
     run = CapturedStep(step, graphs)
+    lookup_run: CapturedStep | None = None     # the step without the drafter, captured when first needed
     stats.prefill_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     while True:
@@ -151,11 +152,16 @@ def generate_static(target: Decoder, prompt_ids: list[int], params: SamplingPara
         yield out
         if done:
             return
+        draft: list[int] = []
         if index is not None:
             draft, _ = index.draft(B - 1)
             step.load_lookups([draft])
             stats.lookup_steps += bool(draft)
-        result, _ = run()
+        if draft:        # every row (the one) looked up: no drafter forward, as in the dynamic path
+            lookup_run = lookup_run or CapturedStep(step.without_drafter(), graphs)
+            result, _ = lookup_run()
+        else:
+            result, _ = run()
         tokens = committed_tokens(result)[0] if drafter is not None else [int(result[0])]
         if index is not None:
             index.record_step(len(tokens), bool(draft))

@@ -28,10 +28,12 @@ def batch_buckets(rows: int) -> list[int]:
 
 
 class StaticRunner:
-    """Runs a lane's steps through `make_step(batch, block, sampling)` steps, one per (bucket, block, greedy or
-    sampled): a batch with no sampled row keeps the cheaper greedy step (no sort over the vocabulary)."""
+    """Runs a lane's steps through `make_step(batch, block, sampling, lookup_only)` steps, one per (bucket, block,
+    greedy or sampled, drafter or not): a batch with no sampled row keeps the cheaper greedy step (no sort over
+    the vocabulary), and one where every row has a lookup draft skips the drafter's forward (as the dynamic path
+    does; runtime/static_step.SpeculativeStep.without_drafter)."""
 
-    def __init__(self, make_step: Callable[[int, int, bool], StaticStepLike], rows: int,
+    def __init__(self, make_step: Callable[[int, int, bool, bool], StaticStepLike], rows: int,
                  graphs: bool | None = None) -> None:
         self.graphs = StepGraphs(make_step, batch_buckets(rows), enabled=graphs)
         self.loaded: dict[int, tuple] = {}     # id(step) -> the (params, seeds) its sampling buffers hold
@@ -43,7 +45,8 @@ class StaticRunner:
         the speculative result [n, B+1] (runtime/static_step.committed_tokens reads it)."""
         n = len(tokens)
         sampling = any(not p.greedy for p in params)
-        captured = self.graphs.get(n, block, sampling)
+        lookup_only = lookups is not None and all(lookups)
+        captured = self.graphs.get(n, block, sampling, lookup_only)
         step: Any = captured.step
         load_rows(step, tokens, lengths)
         # The same rows keep the same parameters from step to step: rewrite the buffers only when they change.

@@ -24,10 +24,13 @@ Sampling (`sampling=True`): per-row temperature / top-k / top-p and seeds in dev
 rejection rule (engine/speculative.rejection_sample). Greedy rows of such a step get one-hot distributions, under
 which the same rule is exactly greedy. Lookup drafts (engine/lookup_draft.py) enter the speculative step through
 `lookup_tokens` / `lookup_counts`: the host writes each row's n-gram draft there before the replay, and it takes
-the place of the drafter's first slots.
+the place of the drafter's first slots. Where every row has one, `without_drafter()` gives the same step (same
+buffers) minus the drafter's forward, captured as a graph of its own, as the dynamic path skips the drafter then.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 
@@ -240,9 +243,18 @@ class SpeculativeStep:
         self.sampling = SamplingBuffers(batch, device) if sampling else None
         c = drafter.config
         self.draft_needs_mask = self.backend.needs_mask(c.window, None, True)
+        self.runs_drafter = True
 
     def state(self) -> list[torch.Tensor]:
         return [self.anchors, self.lengths]
+
+    def without_drafter(self) -> SpeculativeStep:
+        """This step, sharing every buffer and cache, but drafting only each row's lookup draft (zeros past its
+        count: any proposal fixed before the target runs keeps the output exact). For steps where every row
+        looked up; the target's verify still writes the drafter's context, so later drafter steps see it."""
+        twin = copy.copy(self)
+        twin.runs_drafter = False
+        return twin
 
     def block_positions(self) -> torch.Tensor:
         return self.lengths.view(-1, 1) + torch.arange(self.block_size, device=self.lengths.device).view(1, -1)
@@ -323,7 +335,7 @@ class SpeculativeStep:
         return torch.where(slot < self.lookup_counts.view(-1, 1), self.lookup_tokens, drafts)
 
     def step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.verify(self.with_lookups(self.draft()))
+        return self.verify(self.with_lookups(self.draft()) if self.runs_drafter else self.lookup_tokens)
 
 
 def committed_tokens(result: torch.Tensor) -> list[list[int]]:
