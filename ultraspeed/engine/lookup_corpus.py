@@ -63,6 +63,11 @@ class LookupCorpus:
         lengths = np.array([len(s) for s in sequences], dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         flat = np.array([t for s in sequences for t in s], dtype=np.int64)
+        return cls.index(flat, starts, min_n, max_n)
+
+    @classmethod
+    def index(cls, flat: np.ndarray, starts: np.ndarray, min_n: int, max_n: int) -> "LookupCorpus":
+        """The corpus of the sequences flat[starts[i]:starts[i+1]] (int64 arrays), indexed."""
         keys, after = [], []
         for n in range(min_n, max_n + 1):
             h = _window_hashes(flat, n)
@@ -118,8 +123,7 @@ class LookupCorpus:
             raise UltraSpeedError(f"{path}: not a lookup corpus ({e})") from None
         if len(starts) < 1 or starts[0] != 0 or starts[-1] != len(tokens) or np.any(np.diff(starts) < 0):
             raise UltraSpeedError(f"{path}: corrupt lookup corpus (sequence bounds do not match its tokens)")
-        sequences = [tokens[a:b].tolist() for a, b in zip(starts[:-1], starts[1:])]
-        corpus = cls.build(sequences, int(min_n), int(max_n))
+        corpus = cls.index(tokens, starts.astype(np.int64), int(min_n), int(max_n))
         if vocab_size is not None:
             corpus.check_vocab(vocab_size)
         return corpus
