@@ -184,3 +184,26 @@ def test_cuda_graph_serving_engine_equals_plain_greedy(tmp_path):
         engine.stop()
     assert [c.tokens for c in got] == [sum(generate_plain(model, p, params), []) for p in prompts]
     assert all(step.graph is not None for step in engine._spec.runner.graphs.steps.values())
+
+
+@requires_cuda
+def test_cuda_graph_lookup_steps_without_drafter_equal_plain_greedy(tmp_path):
+    """On a CUDA machine: generate_static on a repetitive prompt drafts by lookup, replays the second captured
+    graph (the step without the drafter's forward, captured mid-generation on first use) and still gives plain
+    greedy's tokens, as the eager run does."""
+    from ultraspeed.engine.generate import GenerationStats, generate_plain
+    from ultraspeed.engine.sampler import SamplingParams
+    from ultraspeed.models.dflash import DFlashConfig, DFlashDrafter, init_random
+    from ultraspeed.runtime.loop import generate_static
+    model = ours_from_hf(hf_model("qwen3", seed=2), tmp_path).to("cuda")
+    drafter = DFlashDrafter(DFlashConfig.for_target(model.config, num_layers=1, num_features=2, block_size=4))
+    init_random(drafter, 0)
+    drafter = drafter.requires_grad_(False).to("cuda")
+    prompt = [3, 17, 42, 9, 100, 5] * 4
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    want = sum(generate_plain(model, prompt, params), [])
+    for graphs in (False, True):
+        stats = GenerationStats()
+        got = sum(generate_static(model, prompt, params, drafter=drafter, stats=stats, graphs=graphs,
+                                  lookup=True), [])
+        assert got == want and stats.lookup_steps > 0

@@ -157,11 +157,13 @@ def _resource(text: str, key: str) -> int | None:
 # ------------------------------------------------------------------------------------------ what runs
 
 
-def runtime_launches(dtype: torch.dtype, batches: tuple[int, ...] = (1, 4), block_size: int = 16) -> list[Launch]:
+def runtime_launches(dtype: torch.dtype, batches: tuple[int, ...] = (1, 4),
+                     block_sizes: tuple[int, ...] = (4, 8, 16)) -> list[Launch]:
     """The kernel launches of the static runtime's greedy plain and speculative steps, triton backend, on random
     models in real shapes (two layers each; the layers repeat): the default model (SmolLM2-135M) with bf16 and
     with MXFP4 MLP weights (the ultraspeed tier of a dense model), and a Qwen3-30B-A3B-shaped MoE with MXFP4
-    experts (16 experts instead of 128: kernel arguments, not specialisations, change with the count)."""
+    experts (16 experts instead of 128: kernel arguments, not specialisations, change with the count). Block
+    sizes matter (the attention kernel's query tile grows with the block: 16, 32, 64 rows), batch sizes barely."""
     from ultraspeed.engine.speculative import new_draft_cache
     from ultraspeed.models.random_weights import (qwen3_30b_a3b_config, random_decoder, random_drafter,
                                                   smollm2_135m_config)
@@ -178,12 +180,12 @@ def runtime_launches(dtype: torch.dtype, batches: tuple[int, ...] = (1, 4), bloc
     backend = TritonBackend()
     with record_launches() as launches:
         for model in models:
-            drafter = random_drafter(model, "cpu", dtype, block_size, num_layers=1)
+            drafters = [random_drafter(model, "cpu", dtype, block, num_layers=1) for block in block_sizes]
             for b in batches:
                 cache = model.new_cache(b, 128)
-                draft_cache = new_draft_cache(drafter, b, 128)
-                for step in (DecodeStep(model, cache, b, backend),
-                             SpeculativeStep(model, drafter, cache, draft_cache, b, backend)):
+                steps = [DecodeStep(model, cache, b, backend)]
+                steps += [SpeculativeStep(model, d, cache, new_draft_cache(d, b, 128), b, backend) for d in drafters]
+                for step in steps:
                     load_rows(step, [1] * b, [40 + 7 * r for r in range(b)])
                     step.step()
     return launches
