@@ -537,6 +537,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     fast = None
     if env is None and args.ultraspeed_experts == "mxfp4":
         fast = ultraspeed_tier_model(loaded, args.ultraspeed_model)   # before the int8 swap changes the modules
+        if args.ultraspeed_model is None:
+            print("ultraspeed: the ultraspeed tier quantizes its experts to MXFP4 by round-to-nearest at start-up, "
+                  "which costs quality (default model: +15% perplexity; +0.9% after `ultraspeed qat`); "
+                  "--ultraspeed-model DIR serves a QAT checkpoint", file=sys.stderr)
     elif args.ultraspeed_experts == "mxfp4":
         print("ultraspeed: with --tp/--ep the ultraspeed tier serves the original expert weights", file=sys.stderr)
     if env is None:                            # sharded models keep their checkpoint precision

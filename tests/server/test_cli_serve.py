@@ -65,3 +65,4 @@ def test_serve_subcommand_end_to_end(tiny, tmp_path):
     assert proc.returncode in (0, -signal.SIGTERM), output
     assert "Application shutdown complete" in output, output
     assert "serving tiny-chat and tiny-chat-ultraspeed (MXFP4 experts, DFlash speculative)" in output
+    assert "round-to-nearest at start-up" in output and "--ultraspeed-model DIR" in output    # the quality hint
