@@ -478,13 +478,17 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3, help="rounds over the prompt set; medians are reported")
 
 
-def ultraspeed_tier_model(loaded, checkpoint: str | None):
+def ultraspeed_tier_model(loaded, checkpoint: str | None, rounding: str = "gptq"):
     """The ultraspeed tier's model: `checkpoint` (an MXFP4 checkpoint from `ultraspeed quantize` or `ultraspeed qat`
-    of the same model), else a copy of the served model with its experts quantized to MXFP4 (round-to-nearest)."""
+    of the same model), else a copy of the served model with its experts quantized to MXFP4: a dense model's MLP
+    rounded by GPTQ (`rounding` "gptq", quant/gptq.py, cached on disk), otherwise round-to-nearest."""
     import copy
-    from ultraspeed.loader import load_model
+    from ultraspeed.loader import cache_dir, load_model
     from ultraspeed.quant.apply import MXFP4Experts, MXFP4Linear, expert_targets, quantize_experts
     if checkpoint is None:
+        if rounding == "gptq" and not loaded.model.config.is_moe:
+            from ultraspeed.quant.gptq import gptq_mxfp4_copy
+            return gptq_mxfp4_copy(loaded, "mse", cache_dir() / "gptq")
         return quantize_experts(copy.deepcopy(loaded.model), "mse")
     weight = loaded.model.embed_tokens.weight
     fast = load_model(checkpoint, dtype=weight.dtype).model.to(weight.device)
@@ -536,11 +540,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     drafter = load_drafter(drafter_path, loaded.model.dtype) if drafter_path else None
     fast = None
     if env is None and args.ultraspeed_experts == "mxfp4":
-        fast = ultraspeed_tier_model(loaded, args.ultraspeed_model)   # before the int8 swap changes the modules
+        # Before the int8 swap changes the modules.
+        fast = ultraspeed_tier_model(loaded, args.ultraspeed_model, args.ultraspeed_rounding)
         if args.ultraspeed_model is None:
-            print("ultraspeed: the ultraspeed tier quantizes its experts to MXFP4 by round-to-nearest at start-up, "
-                  "which costs quality (default model: +15% perplexity; +0.9% after `ultraspeed qat`); "
-                  "--ultraspeed-model DIR serves a QAT checkpoint", file=sys.stderr)
+            how = ("GPTQ on calibration text (cached on disk)" if args.ultraspeed_rounding == "gptq"
+                   and not loaded.model.config.is_moe else "round-to-nearest")
+            print(f"ultraspeed: the ultraspeed tier quantizes its experts to MXFP4 at start-up by {how}, which costs "
+                  "quality (default model, perplexity: +15% round-to-nearest, +7% GPTQ, +0.9% after `ultraspeed "
+                  "qat`); --ultraspeed-model DIR serves a QAT checkpoint", file=sys.stderr)
     elif args.ultraspeed_experts == "mxfp4":
         print("ultraspeed: with --tp/--ep the ultraspeed tier serves the original expert weights", file=sys.stderr)
     if env is None:                            # sharded models keep their checkpoint precision
@@ -664,6 +671,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ultraspeed-model", default=None, metavar="CHECKPOINT",
                    help="MXFP4 checkpoint of the same model for the ultraspeed tier (from `ultraspeed qat` or "
                         "`ultraspeed quantize`); default: quantize the served model's experts at startup")
+    s.add_argument("--ultraspeed-rounding", choices=["gptq", "nearest"], default="gptq",
+                   help="how the ultraspeed tier rounds a dense model's MLP to MXFP4 at startup without "
+                        "--ultraspeed-model: gptq (default; error feedback over ~8k calibration tokens, a minute "
+                        "once, then cached) or nearest (round-to-nearest); MoE experts round to nearest")
     s.add_argument("--weights", choices=["auto", "fp32", "int8", "q4"], default="auto",
                    help="dense weight format: auto (default) = int8 on a CPU with the compiled kernel; q4 = a "
                         "Q4_1 GGUF's 4-bit matrices kept 4-bit (lossless, less memory, slower here), the rest int8")
@@ -755,7 +766,7 @@ def build_parser() -> argparse.ArgumentParser:
     br.set_defaults(func=cmd_bench_report)
 
     bq = bench_sub.add_parser("quant", help="MXFP4 experts: perplexity, expert bytes and decode tok/s of the "
-                              "original vs round-to-nearest vs QAT")
+                              "original vs round-to-nearest vs GPTQ (dense models) vs QAT")
     add_bench_flags(bq)
     bq.add_argument("--qat", default=None, help="also measure this QAT checkpoint (from `ultraspeed qat`)")
     bq.add_argument("--scale-rule", default="mse", choices=["floor", "ceil", "even", "mse"])

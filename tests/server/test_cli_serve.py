@@ -4,6 +4,7 @@ file; the server answers, and SIGTERM shuts it down gracefully."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -32,7 +33,8 @@ def test_serve_subcommand_end_to_end(tiny, tmp_path):
         [sys.executable, "-m", "ultraspeed", "serve", "--model", str(model_dir), "--drafter",
          str(tmp_path / "drafter.safetensors"), "--port", str(port), "--api-keys-file", str(tmp_path / "keys.txt"),
          "--threads", "1", "--ultraspeed-max-concurrent", "1", "--log-level", "info"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=dict(os.environ, ULTRASPEED_CACHE=str(tmp_path / "cache")))
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -65,4 +67,5 @@ def test_serve_subcommand_end_to_end(tiny, tmp_path):
     assert proc.returncode in (0, -signal.SIGTERM), output
     assert "Application shutdown complete" in output, output
     assert "serving tiny-chat and tiny-chat-ultraspeed (MXFP4 experts, DFlash speculative)" in output
-    assert "round-to-nearest at start-up" in output and "--ultraspeed-model DIR" in output    # the quality hint
+    assert "MXFP4 at start-up by GPTQ" in output and "--ultraspeed-model DIR" in output    # the quality hint
+    assert len(list((tmp_path / "cache" / "gptq").glob("*.safetensors"))) == 1      # the next start loads it

@@ -22,6 +22,7 @@ from ultraspeed.bench.speed import BENCH_PROMPTS, engine_runner, measure
 from ultraspeed.loader import LoadedModel, load_model
 from ultraspeed.models.decoder import Decoder
 from ultraspeed.quant.apply import cpu_kernel, expert_weight_bytes, quantize_experts
+from ultraspeed.quant.gptq import gptq_mxfp4_copy
 from ultraspeed.quant.mxfp4 import BITS_PER_WEIGHT
 from ultraspeed.train.text_corpus import corpus_texts, token_windows
 
@@ -78,6 +79,9 @@ def run_quant_bench(cfg: QuantBenchConfig) -> dict:
     rtn = LoadedModel(original.config, quantize_experts(copy.deepcopy(original.model), cfg.scale_rule),
                       original.tokenizer, original.source)
     variants[f"mxfp4_rtn_{cfg.scale_rule}"] = rtn
+    if not original.config.is_moe:       # GPTQ on calibration text of the training splits (quant/gptq.py)
+        variants[f"mxfp4_gptq_{cfg.scale_rule}"] = LoadedModel(
+            original.config, gptq_mxfp4_copy(original, cfg.scale_rule), original.tokenizer, original.source)
     if cfg.qat:
         variants["mxfp4_qat"] = load_model(cfg.qat)
 
