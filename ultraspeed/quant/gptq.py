@@ -18,21 +18,24 @@ round-to-nearest here (each expert would need its own routed inputs).
 
 from __future__ import annotations
 
+import copy
+import hashlib
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
 
 from ultraspeed.models.decoder import Decoder
 from ultraspeed.models.layers import Linear
+from ultraspeed.quant.apply import expert_targets, packed_placeholders, quantize_experts
 from ultraspeed.quant.mxfp4 import BLOCK_SIZE, _block_exponent, _round_to_e2m1_value, check_scale_rule
 
 
 def mlp_linears(model: Decoder) -> dict[str, Linear]:
     """The dense MLP projections MXFP4 applies to (quant/apply.expert_targets: a dense model's MLPs; a MoE model
     has none, its dense layers stay unquantized), by name, while they still hold float weights."""
-    from ultraspeed.quant.apply import expert_targets
     return {name: model.get_submodule(name) for name in expert_targets(model)
             if type(model.get_submodule(name)) is Linear}
 
@@ -132,12 +135,6 @@ def gptq_mxfp4_copy(loaded, scale_rule: str = "mse", cache: Path | None = None) 
     """A copy of `loaded.model` (a LoadedModel) whose dense MLP weights are MXFP4, rounded by GPTQ on
     `calibration_windows` and packed. With `cache` (a directory), the packed weights are kept there, keyed by the
     checkpoint file, the rule and the calibration, so a later start-up loads them instead of calibrating again."""
-    import copy
-    import hashlib
-
-    from safetensors.torch import load_file, save_file
-
-    from ultraspeed.quant.apply import packed_placeholders, quantize_experts
     model = copy.deepcopy(loaded.model)
     names = list(mlp_linears(model))
     prefixes = tuple(f"{n}." for n in names)
