@@ -210,6 +210,17 @@ def _decode(codes: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
     return values * e8m0_to_float(scales, dtype).unsqueeze(-1)  # a NaN scale makes its whole block NaN
 
 
+def block_scale(magnitude: Tensor, amax: Tensor, scale_rule: str) -> Tensor:
+    """The power-of-two scale [..., 1] of blocks with magnitudes [..., 32] and block maxima [...] under a rule."""
+    return torch.exp2(_block_exponent(magnitude, amax, scale_rule).to(magnitude.dtype)).unsqueeze(-1)
+
+
+def round_to_grid(x: Tensor, scale: Tensor) -> Tensor:
+    """x rounded to the nearest MXFP4 value under `scale` (broadcast), signed like x: the nearest grid value
+    times the scale, exact."""
+    return torch.copysign(_round_to_e2m1_value(x.abs() / scale) * scale, x)
+
+
 def _quantize_dequantize(w: Tensor, scale_rule: str) -> Tensor:
     """dequantize_mxfp4(*quantize_mxfp4(w, rule), w.dtype), bit for bit, without forming codes: the nearest
     grid value times the block scale (exact), signed like the input (so -0.0 where the code would be 8), NaN
@@ -217,8 +228,7 @@ def _quantize_dequantize(w: Tensor, scale_rule: str) -> Tensor:
     cost several times more."""
     check_scale_rule(scale_rule)
     x, magnitude, amax, special = _blocks(w, "fake_quantize_mxfp4")
-    scale = torch.exp2(_block_exponent(magnitude, amax, scale_rule).to(x.dtype)).unsqueeze(-1)
-    values = torch.copysign(_round_to_e2m1_value(magnitude / scale) * scale, x)
+    values = round_to_grid(x, block_scale(magnitude, amax, scale_rule))
     return values.masked_fill_(special.unsqueeze(-1), float("nan")).flatten(-2).to(w.dtype)
 
 
