@@ -486,7 +486,12 @@ def ultraspeed_tier_model(loaded, checkpoint: str | None, rounding: str = "gptq"
     from ultraspeed.loader import cache_dir, load_model
     from ultraspeed.quant.apply import MXFP4Experts, MXFP4Linear, expert_targets, quantize_experts
     if checkpoint is None:
-        if rounding == "gptq" and not loaded.model.config.is_moe:
+        gptq = rounding == "gptq" and not loaded.model.config.is_moe
+        how = "GPTQ on calibration text (cached on disk)" if gptq else "round-to-nearest"
+        print(f"ultraspeed: the ultraspeed tier quantizes its experts to MXFP4 at start-up by {how}, which costs "
+              "quality (default model, perplexity: +15% round-to-nearest, +7% GPTQ, +0.9% after `ultraspeed "
+              "qat`); --ultraspeed-model DIR serves a QAT checkpoint", file=sys.stderr)
+        if gptq:
             from ultraspeed.quant.gptq import gptq_mxfp4_copy
             return gptq_mxfp4_copy(loaded, "mse", cache_dir() / "gptq")
         return quantize_experts(copy.deepcopy(loaded.model), "mse")
@@ -542,12 +547,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if env is None and args.ultraspeed_experts == "mxfp4":
         # Before the int8 swap changes the modules.
         fast = ultraspeed_tier_model(loaded, args.ultraspeed_model, args.ultraspeed_rounding)
-        if args.ultraspeed_model is None:
-            how = ("GPTQ on calibration text (cached on disk)" if args.ultraspeed_rounding == "gptq"
-                   and not loaded.model.config.is_moe else "round-to-nearest")
-            print(f"ultraspeed: the ultraspeed tier quantizes its experts to MXFP4 at start-up by {how}, which costs "
-                  "quality (default model, perplexity: +15% round-to-nearest, +7% GPTQ, +0.9% after `ultraspeed "
-                  "qat`); --ultraspeed-model DIR serves a QAT checkpoint", file=sys.stderr)
     elif args.ultraspeed_experts == "mxfp4":
         print("ultraspeed: with --tp/--ep the ultraspeed tier serves the original expert weights", file=sys.stderr)
     if env is None:                            # sharded models keep their checkpoint precision

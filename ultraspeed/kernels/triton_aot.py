@@ -57,7 +57,7 @@ class Launch:
 @dataclass
 class Compiled:
     name: str
-    signature: str            # the specialised signature, for the report and for de-duplication
+    signature: str            # the specialised signature and its 16-divisible arguments, for the report
     seconds: float
     shared: int               # bytes of shared memory per block
     registers: int | None     # per thread, from cuobjdump (None if it is missing)
