@@ -1,19 +1,21 @@
 """GPTQ rounding to MXFP4 (ultraspeed/quant/gptq.py): with uncorrelated inputs it is round-to-nearest exactly;
 with correlated ones it reconstructs the layer's output better; its values lie on their groups' MXFP4 grid, so
-packing keeps them exactly; on a tiny model it rounds every dense MLP projection, and the serving copy is cached
-and reloaded bit for bit."""
+packing keeps them exactly; on tiny models it rounds every dense MLP projection, or every routed expert from the
+tokens routed to it (an expert none reached: to nearest), calibrating in memory-bounded groups; the serving copy
+is cached and reloaded bit for bit."""
 
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 
-from tests.quant.tiny import token_ids
+from tests.quant.tiny import logits, token_ids
 from ultraspeed.loader import load_model
 from ultraspeed.quant import gptq
-from ultraspeed.quant.apply import MXFP4Linear, quantize_experts
+from ultraspeed.quant.apply import MXFP4Experts, MXFP4Linear, quantize_experts
 from ultraspeed.quant.mxfp4 import dequantize_mxfp4, fake_quantize_mxfp4, quantize_mxfp4
 
 
@@ -61,15 +63,83 @@ def test_a_dense_model_is_rounded_and_packed_exactly(tiny_dir):
     loaded = load_model(tiny_dir("qwen3"))
     model = copy.deepcopy(loaded.model)
     windows = token_ids(seed=4, batch=4, length=32).tolist()
-    assert gptq.gptq_mlp(model, windows) == 2 * model.config.num_layers
-    rounded = {name: linear.weight.detach().clone() for name, linear in gptq.mlp_linears(model).items()}
+    assert gptq.gptq_experts(model, windows) == 2 * model.config.num_layers
+    rounded = {name: linear.weight.detach().clone() for name, linear in gptq.gptq_targets(model).items()}
     quantize_experts(model, "mse")
     for name, weight in rounded.items():
         packed = model.get_submodule(name)
         assert isinstance(packed, MXFP4Linear)
         assert torch.equal(dequantize_mxfp4(packed.weight_blocks, packed.weight_scales), weight)
-    moe = load_model(tiny_dir("qwen3_moe")).model
-    assert gptq.gptq_mlp(moe, windows) == 0           # routed experts are left to round-to-nearest
+
+
+def test_zero_second_moment_gives_round_to_nearest():
+    w = torch.randn(3, 16, 64, generator=torch.Generator().manual_seed(7))
+    h = torch.stack([torch.zeros(64, 64), torch.eye(64), torch.zeros(64, 64)]).double()
+    got = gptq.gptq_round(w, h)
+    assert torch.equal(got, fake_quantize_mxfp4(w, "mse"))
+
+
+def test_memory_groups_are_consecutive_and_within_budget():
+    assert gptq.memory_groups([3, 3, 3, 5, 1], 6) == [[0, 1], [2], [3, 4]]
+    assert gptq.memory_groups([10, 2], 6) == [[0], [1]]         # an item over the budget gets its own group
+    assert gptq.memory_groups([], 6) == []
+
+
+def test_routed_experts_are_rounded_from_their_own_tokens(tiny_dir, monkeypatch):
+    loaded = load_model(tiny_dir("qwen3_moe"))
+    windows = token_ids(seed=4, batch=16, length=48).tolist()
+    model = copy.deepcopy(loaded.model)
+    moes = [m for m in model.modules() if type(m).__name__ == "SparseMoE"]
+    for moe in moes:                                          # no token is ever routed to expert 0
+        route = moe.route
+        monkeypatch.setattr(moe, "route", lambda x, route=route: (route(x)[0], route(x)[1].clamp(min=1)))
+    targets = gptq.gptq_targets(model)
+    assert list(targets) == [f"layers.{i}.mlp.experts" for i in range(1, model.config.num_layers)]
+    original = {k: w.detach().clone() for n, m in targets.items() for k, w in gptq.target_matrices(n, m).items()}
+    assert gptq.gptq_experts(model, windows) == len(targets)
+    rounded = {k: w.detach().clone() for n, m in targets.items() for k, w in gptq.target_matrices(n, m).items()}
+    for key, w in rounded.items():
+        nearest = fake_quantize_mxfp4(original[key], "mse")
+        assert torch.equal(w[0], nearest[0]), key                   # expert 0: no evidence, round to nearest
+        assert not torch.equal(w[1:], nearest[1:]), key
+    quantize_experts(model, "mse")
+    for name in targets:
+        packed = model.get_submodule(name)
+        assert isinstance(packed, MXFP4Experts)
+        assert torch.equal(dequantize_mxfp4(packed.gate_up_proj_blocks, packed.gate_up_proj_scales),
+                           rounded[f"{name}.gate_up_proj"])
+        assert torch.equal(dequantize_mxfp4(packed.down_proj_blocks, packed.down_proj_scales),
+                           rounded[f"{name}.down_proj"])
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_gptq_experts_reconstruct_the_logits_better_than_nearest(tiny_dir, arch):
+    loaded = load_model(tiny_dir(arch))
+    held_out = token_ids(seed=9, batch=16, length=64)
+    reference = logits(loaded.model, held_out)
+    nearest = quantize_experts(copy.deepcopy(loaded.model), "mse")
+    model = copy.deepcopy(loaded.model)
+    gptq.gptq_experts(model, token_ids(seed=4, batch=16, length=64).tolist())
+    quantize_experts(model, "mse")
+    error_gptq = (logits(model, held_out) - reference).square().mean()
+    error_nearest = (logits(nearest, held_out) - reference).square().mean()
+    assert error_gptq < 0.95 * error_nearest
+
+
+def test_a_small_memory_budget_calibrates_group_by_group(tiny_dir, monkeypatch):
+    loaded = load_model(tiny_dir("qwen3_moe"))
+    windows = token_ids(seed=4, batch=4, length=32).tolist()
+    passes = []
+    measure = gptq.input_second_moments
+    monkeypatch.setattr(gptq, "input_second_moments",
+                        lambda model, w, targets, **k: passes.append(list(targets)) or measure(model, w, targets, **k))
+    model = copy.deepcopy(loaded.model)
+    one = gptq.moment_bytes(gptq.gptq_targets(model)["layers.1.mlp.experts"])
+    assert gptq.gptq_experts(model, windows, memory_budget=one) == 2
+    assert passes == [["layers.1.mlp.experts"], ["layers.2.mlp.experts"]]
+    passes.clear()
+    assert gptq.gptq_experts(copy.deepcopy(loaded.model), windows, memory_budget=2 * one) == 2
+    assert passes == [["layers.1.mlp.experts", "layers.2.mlp.experts"]]
 
 
 def test_the_serving_copy_is_cached(tiny_dir, tmp_path, monkeypatch):
@@ -83,7 +153,7 @@ def test_the_serving_copy_is_cached(tiny_dir, tmp_path, monkeypatch):
 
     def no_calibration(*_a, **_k):
         raise AssertionError("calibrated again instead of loading the cache")
-    monkeypatch.setattr(gptq, "gptq_mlp", no_calibration)
+    monkeypatch.setattr(gptq, "gptq_experts", no_calibration)
     again = gptq.gptq_mxfp4_copy(loaded, "mse", tmp_path)
     for (name, a), (_, b) in zip(first.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
@@ -97,3 +167,23 @@ def test_the_serving_copy_is_cached(tiny_dir, tmp_path, monkeypatch):
     rebuilt = gptq.gptq_mxfp4_copy(loaded, "mse", tmp_path)
     for (name, a), (_, b) in zip(first.state_dict().items(), rebuilt.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_quantize_cli_writes_the_gptq_rounding(tiny_dir, tmp_path, monkeypatch):
+    from ultraspeed.cli import main
+    source = tiny_dir("qwen3_moe")
+    windows = token_ids(seed=5, batch=8, length=32).tolist()
+    monkeypatch.setattr(gptq, "calibration_windows", lambda tokenizer, **_: windows)
+    assert main(["quantize", "--rounding", "gptq", str(source), str(tmp_path / "gptq")]) == 0
+    expected = load_model(source).model
+    gptq.gptq_experts(expected, windows)
+    quantize_experts(expected, "mse")
+    written = load_model(tmp_path / "gptq")
+    assert json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]["rounding"] == "gptq"
+    for name in gptq.gptq_targets(load_model(source).model):
+        a, b = written.model.get_submodule(name), expected.get_submodule(name)
+        assert torch.equal(a.gate_up_proj_blocks, b.gate_up_proj_blocks), name
+        assert torch.equal(a.down_proj_scales, b.down_proj_scales), name
+    assert main(["quantize", str(source), str(tmp_path / "nearest")]) == 0
+    nearest = load_model(tmp_path / "nearest").model.layers[1].mlp.experts
+    assert not torch.equal(nearest.gate_up_proj_blocks, written.model.layers[1].mlp.experts.gate_up_proj_blocks)

@@ -79,9 +79,9 @@ def run_quant_bench(cfg: QuantBenchConfig) -> dict:
     rtn = LoadedModel(original.config, quantize_experts(copy.deepcopy(original.model), cfg.scale_rule),
                       original.tokenizer, original.source)
     variants[f"mxfp4_rtn_{cfg.scale_rule}"] = rtn
-    if not original.config.is_moe:       # GPTQ on calibration text of the training splits (quant/gptq.py)
-        variants[f"mxfp4_gptq_{cfg.scale_rule}"] = LoadedModel(
-            original.config, gptq_mxfp4_copy(original, cfg.scale_rule), original.tokenizer, original.source)
+    # GPTQ on calibration text of the training splits (quant/gptq.py)
+    variants[f"mxfp4_gptq_{cfg.scale_rule}"] = LoadedModel(
+        original.config, gptq_mxfp4_copy(original, cfg.scale_rule), original.tokenizer, original.source)
     if cfg.qat:
         variants["mxfp4_qat"] = load_model(cfg.qat)
 

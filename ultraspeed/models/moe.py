@@ -54,8 +54,12 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate, dtype=dtype))
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.expert_hidden(e, x), self.down_proj[e])
+
+    def expert_hidden(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of expert e: the input of its down projection (GPTQ calibration records it here)."""
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj[e])
+        return F.silu(gate) * up
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [N, H]; weights/ids [N, k] -> [N, H] = sum over k of weight * expert(x)."""

@@ -1,4 +1,4 @@
-"""Error-compensating MXFP4 rounding (GPTQ) for the MLP weights of a dense model, without training.
+"""Error-compensating MXFP4 rounding (GPTQ) for the expert weights, without training.
 
 Round-to-nearest picks each weight's MXFP4 value on its own. What the layer computes is x @ W.T, and its inputs x
 are correlated, so the error of one rounded weight can be cancelled by nudging the weights of the same row that
@@ -11,68 +11,145 @@ round-to-nearest) from its weights as they stand when the group is reached, afte
 before it. The result is a float weight whose every value lies on its group's grid, so `quantize_experts` packs
 it exactly (tests/quant/test_gptq.py): GPTQ changes which values are chosen, not the format.
 
-Where: `ultraspeed serve`'s ultraspeed tier quantizes a dense model's MLP at start-up with it (about a minute on
-a 2-core CPU for the default model, then cached on disk), unless it is given a QAT checkpoint, which recovers more. MoE experts are left to
-round-to-nearest here (each expert would need its own routed inputs).
+What it rounds are MXFP4's targets (quant/apply.expert_targets): a dense model's MLP projections, or a MoE
+model's routed experts, where each expert gets its own H from the tokens routed to it (an expert no calibration
+token reached is rounded to nearest). The H matrices of a MoE take E x (hidden^2 + intermediate^2) x 8 bytes per
+layer, so the layers are calibrated in groups that fit a memory budget, one pass over the calibration text per
+group, each group rounded before the next is calibrated (later layers then see the rounded earlier ones, as in
+GPTQ's layer-by-layer order).
+
+Where: `ultraspeed serve`'s ultraspeed tier quantizes the experts at start-up with it (about a minute on a 2-core
+CPU for the default model, then cached on disk), unless it is given a QAT checkpoint, which recovers more.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from ultraspeed.models.decoder import Decoder
 from ultraspeed.models.layers import Linear
+from ultraspeed.models.moe import Experts
 from ultraspeed.quant.apply import expert_targets, packed_placeholders, quantize_experts
-from ultraspeed.quant.mxfp4 import BLOCK_SIZE, block_scale, check_scale_rule, round_to_grid
+from ultraspeed.quant.mxfp4 import BLOCK_SIZE, block_scale, check_scale_rule, fake_quantize_mxfp4, round_to_grid
+
+MEMORY_BUDGET = 4 << 30      # bytes of H matrices held during one calibration pass
 
 
-def mlp_linears(model: Decoder) -> dict[str, Linear]:
-    """The dense MLP projections MXFP4 applies to (quant/apply.expert_targets: a dense model's MLPs; a MoE model
-    has none, its dense layers stay unquantized), by name, while they still hold float weights."""
-    return {name: model.get_submodule(name) for name in expert_targets(model)
-            if type(model.get_submodule(name)) is Linear}
+def gptq_targets(model: Decoder) -> dict[str, nn.Module]:
+    """MXFP4's targets (quant/apply.expert_targets) while they still hold float weights, by name: a dense model's
+    MLP Linears, or a MoE model's routed Experts."""
+    targets = {name: model.get_submodule(name) for name in expert_targets(model)}
+    return {name: m for name, m in targets.items() if type(m) in (Linear, Experts)}
 
 
-@torch.no_grad()
-def input_second_moments(model: Decoder, windows: list[list[int]], names: list[str]) -> dict[str, Tensor]:
-    """H = mean over calibration tokens of x x^T (fp64) for the input x of each named linear."""
+def target_matrices(name: str, module: nn.Module) -> dict[str, Tensor]:
+    """The weights GPTQ rounds in one target, by their state_dict name: a Linear's weight [N, K], or an Experts'
+    stacked gate_up_proj [E, 2I, H] and down_proj [E, H, I]."""
+    if isinstance(module, Experts):
+        return {f"{name}.gate_up_proj": module.gate_up_proj, f"{name}.down_proj": module.down_proj}
+    return {f"{name}.weight": module.weight}
+
+
+def moment_bytes(module: nn.Module) -> int:
+    """Bytes of the fp64 H matrices one target needs: K x K per matrix, per expert."""
+    return sum(8 * w.shape[-1] ** 2 * w[..., 0, 0].numel() for w in target_matrices("", module).values())
+
+
+def memory_groups(sizes: list[int], budget: int) -> list[list[int]]:
+    """Consecutive indices of `sizes`, grouped so that each group's total stays within `budget` (a single item
+    over it gets a group of its own)."""
+    groups: list[list[int]] = []
+    total = budget + 1
+    for i, size in enumerate(sizes):
+        if total + size > budget:
+            groups.append([])
+            total = 0
+        groups[-1].append(i)
+        total += size
+    return groups
+
+
+@contextmanager
+def recording_moments(targets: dict[str, nn.Module]) -> Iterator[tuple[dict[str, Tensor], dict[str, Tensor]]]:
+    """While active, each forward adds x^T x (fp64) of every target matrix's input to `sums[matrix name]` and
+    the number of rows to `counts[matrix name]` (per expert for Experts: the tokens routed to it)."""
     sums: dict[str, Tensor] = {}
-    counts = dict.fromkeys(names, 0)
+    counts: dict[str, Tensor] = {}
+    for name, module in targets.items():
+        for key, w in target_matrices(name, module).items():
+            sums[key] = torch.zeros(*w.shape[:-2], w.shape[-1], w.shape[-1], dtype=torch.float64)
+            counts[key] = torch.zeros(w.shape[:-2], dtype=torch.int64)
 
-    def hook(name: str):
-        def accumulate(_module, inputs, _output):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
-            sums[name] = sums.get(name, 0) + (x.T @ x).double()     # fp32 products per window, fp64 totals
-            counts[name] += x.shape[0]
-        return accumulate
+    def add(key: str, x: Tensor, e: int | None = None) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        index = () if e is None else (e,)
+        sums[key][index] += (x.T @ x).double()              # fp32 products per batch, fp64 totals
+        counts[key][index] += x.shape[0]
 
-    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    def linear_hook(key: str):
+        return lambda _module, inputs, _output: add(key, inputs[0])
+
+    def recorded_hidden(name: str, experts: Experts):
+        hidden = experts.expert_hidden
+
+        def record(e: int, x: Tensor) -> Tensor:
+            h = hidden(e, x)
+            add(f"{name}.gate_up_proj", x, e)
+            add(f"{name}.down_proj", h, e)
+            return h
+        return record
+
+    handles = []
     try:
-        for ids in tqdm(windows, desc="gptq: calibration", unit="window", leave=False):
-            model(torch.tensor([ids]), model.new_cache(1, len(ids)))
+        for name, module in targets.items():
+            if isinstance(module, Experts):
+                module.expert_hidden = recorded_hidden(name, module)    # shadows the method on this instance
+            else:
+                handles.append(module.register_forward_hook(linear_hook(f"{name}.weight")))
+        yield sums, counts
     finally:
         for h in handles:
             h.remove()
-    return {n: sums[n] / counts[n] for n in names}
+        for module in targets.values():
+            module.__dict__.pop("expert_hidden", None)
+
+
+@torch.no_grad()
+def input_second_moments(model: Decoder, windows: list[list[int]], targets: dict[str, nn.Module],
+                         desc: str = "gptq: calibration") -> dict[str, Tensor]:
+    """H = mean over calibration tokens of x x^T (fp64) for the input x of each matrix of `targets`, by matrix
+    name ([K, K], or [E, K, K] over the tokens routed to each expert; zeros for an expert none reached)."""
+    with recording_moments(targets) as (sums, counts):
+        for ids in tqdm(windows, desc=desc, unit="window", leave=False):
+            model(torch.tensor([ids]), model.new_cache(1, len(ids)))
+    return {key: sums[key] / counts[key].clamp(min=1)[..., None, None] for key in sums}
 
 
 def gptq_round(weight: Tensor, h: Tensor, scale_rule: str = "mse", damp: float = 0.01,
                block: int = 128) -> Tensor:
     """weight [N, K] (K a multiple of 32) and the input second moment h [K, K] -> the weight rounded to MXFP4
     values with GPTQ's error feedback, as a float tensor of weight's dtype whose 32-wide groups lie on their grid.
-    `damp` adds that fraction of the mean diagonal to H (a near-singular H would amplify corrections)."""
+    Stacked experts: weight [E, N, K] with h [E, K, K], each expert on its own. An h of zeros (no calibration
+    input reached this matrix) gives round-to-nearest. `damp` adds that fraction of the mean diagonal to H (a
+    near-singular H would amplify corrections)."""
     check_scale_rule(scale_rule)
+    if weight.dim() == 3 and h.dim() == 3 and len(weight) == len(h):
+        return torch.stack([gptq_round(w, he, scale_rule, damp, block) for w, he in zip(weight, h)])
+    if weight.dim() != 2 or weight.shape[1] % BLOCK_SIZE or h.shape != (weight.shape[1],) * 2:
+        raise ValueError(f"gptq_round needs K a multiple of {BLOCK_SIZE} and H [K, K] (or stacked [E, ...] "
+                         f"both); got {tuple(weight.shape)} and {tuple(h.shape)}")
+    if not h.diagonal().any():
+        return fake_quantize_mxfp4(weight.detach(), scale_rule)
     n, k = weight.shape
-    if k % BLOCK_SIZE or h.shape != (k, k):
-        raise ValueError(f"gptq_round needs K a multiple of {BLOCK_SIZE} and H [K, K]; got {tuple(weight.shape)} "
-                         f"and {tuple(h.shape)}")
     w = weight.detach().double().clone()
     h = h.double().clone()
     dead = torch.diag(h) == 0                  # inputs that are always zero: their weights do not matter
@@ -101,17 +178,23 @@ def gptq_round(weight: Tensor, h: Tensor, scale_rule: str = "mse", damp: float =
 
 
 @torch.no_grad()
-def gptq_mlp(model: Decoder, windows: list[list[int]], scale_rule: str = "mse") -> int:
-    """Round every dense MLP projection of `model` in place to MXFP4 values by GPTQ, calibrated on `windows`
-    (token id lists); `quantize_experts(model, scale_rule)` then packs them exactly. Returns how many projections
-    it rounded (0 for a MoE model, whose experts are left to round-to-nearest)."""
-    linears = mlp_linears(model)
-    if not linears:
-        return 0
-    moments = input_second_moments(model, windows, list(linears))
-    for name, linear in tqdm(linears.items(), desc="gptq: rounding", unit="matrix", leave=False):
-        linear.weight.copy_(gptq_round(linear.weight, moments[name], scale_rule))
-    return len(linears)
+def gptq_experts(model: Decoder, windows: list[list[int]], scale_rule: str = "mse",
+                 memory_budget: int = MEMORY_BUDGET) -> int:
+    """Round every float MXFP4 target of `model` (dense MLP projections, or routed experts) in place to MXFP4
+    values by GPTQ, calibrated on `windows` (token id lists); `quantize_experts(model, scale_rule)` then packs
+    them exactly. Targets are calibrated in groups whose H matrices fit `memory_budget` bytes, each group
+    rounded before the next one's pass. Returns how many targets it rounded."""
+    targets = gptq_targets(model)
+    names = list(targets)
+    groups = memory_groups([moment_bytes(targets[n]) for n in names], memory_budget)
+    for i, group in enumerate(groups):
+        chunk = {names[j]: targets[names[j]] for j in group}
+        where = f" {i + 1}/{len(groups)}" if len(groups) > 1 else ""
+        moments = input_second_moments(model, windows, chunk, desc=f"gptq: calibration{where}")
+        for name, module in tqdm(chunk.items(), desc=f"gptq: rounding{where}", unit="target", leave=False):
+            for key, weight in target_matrices(name, module).items():
+                weight.copy_(gptq_round(weight, moments[key], scale_rule))
+    return len(names)
 
 
 # ------------------------------------------------------------------------------------------ serving
@@ -131,31 +214,37 @@ def calibration_windows(tokenizer, texts_per_domain: int = CALIBRATION["texts_pe
             for w in token_windows([tokenizer.encode(t) for t in domain_texts], window, separator)[:texts_per_domain]]
 
 
+def gptq_on_calibration_text(model: Decoder, tokenizer, scale_rule: str = "mse") -> int:
+    """`gptq_experts` on `calibration_windows` (no longer than the model's context); returns targets rounded."""
+    window = min(CALIBRATION["window"], model.config.max_position)
+    return gptq_experts(model, calibration_windows(tokenizer, window=window), scale_rule)
+
+
 def gptq_mxfp4_copy(loaded, scale_rule: str = "mse", cache: Path | None = None) -> Decoder:
-    """A copy of `loaded.model` (a LoadedModel) whose dense MLP weights are MXFP4, rounded by GPTQ on
+    """A copy of `loaded.model` (a LoadedModel) whose expert weights (or dense MLP) are MXFP4, rounded by GPTQ on
     `calibration_windows` and packed. With `cache` (a directory), the packed weights are kept there, keyed by the
     checkpoint file, the rule and the calibration, so a later start-up loads them instead of calibrating again."""
     model = copy.deepcopy(loaded.model)
-    names = list(mlp_linears(model))
+    targets = gptq_targets(model)
+    names = list(targets)
     prefixes = tuple(f"{n}." for n in names)
     entry = None
     if cache is not None and names:
         source = Path(loaded.source)
         stamp = f"{source.stat().st_size}|{source.stat().st_mtime_ns}" if source.is_file() else ""
-        key = hashlib.sha256(f"{source.resolve()}|{stamp}|{scale_rule}|{CALIBRATION}|v1".encode()).hexdigest()[:16]
+        key = hashlib.sha256(f"{source.resolve()}|{stamp}|{scale_rule}|{CALIBRATION}|{MEMORY_BUDGET}|v2".encode()).hexdigest()[:16]
         entry = cache / f"{source.stem}-{key}.safetensors"
         if entry.exists():
             try:
                 packed = load_file(str(entry))
-                packed_placeholders(model, {f"{n}.weight" for n in names})
+                packed_placeholders(model, {k for n, m in targets.items() for k in target_matrices(n, m)})
                 missing = model.load_state_dict(packed, strict=False).missing_keys
                 if not any(k.startswith(prefixes) for k in missing):
                     return model
             except Exception:
                 pass                  # a damaged entry: calibrate again below
             model = copy.deepcopy(loaded.model)
-    window = min(CALIBRATION["window"], model.config.max_position)
-    gptq_mlp(model, calibration_windows(loaded.tokenizer, window=window), scale_rule)
+    gptq_on_calibration_text(model, loaded.tokenizer, scale_rule)
     quantize_experts(model, scale_rule)
     if entry is not None:
         try:
