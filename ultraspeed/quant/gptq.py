@@ -92,7 +92,7 @@ def recording_moments(targets: dict[str, nn.Module]) -> Iterator[tuple[dict[str,
     def add(key: str, x: Tensor, e: int | None = None) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         index = () if e is None else (e,)
-        sums[key][index] += (x.T @ x).double()              # fp32 products per batch, fp64 totals
+        sums[key][index] += (x.T @ x).double().cpu()        # fp32 products per batch, fp64 totals on the host
         counts[key][index] += x.shape[0]
 
     def linear_hook(key: str):
@@ -128,9 +128,10 @@ def input_second_moments(model: Decoder, windows: list[list[int]], targets: dict
                          desc: str = "gptq: calibration") -> dict[str, Tensor]:
     """H = mean over calibration tokens of x x^T (fp64) for the input x of each matrix of `targets`, by matrix
     name ([K, K], or [E, K, K] over the tokens routed to each expert; zeros for an expert none reached)."""
+    device = model.embed_tokens.weight.device
     with recording_moments(targets) as (sums, counts):
         for ids in tqdm(windows, desc=desc, unit="window", leave=False):
-            model(torch.tensor([ids]), model.new_cache(1, len(ids)))
+            model(torch.tensor([ids], device=device), model.new_cache(1, len(ids)))
     return {key: sums[key] / counts[key].clamp(min=1)[..., None, None] for key in sums}
 
 
@@ -150,8 +151,8 @@ def gptq_round(weight: Tensor, h: Tensor, scale_rule: str = "mse", damp: float =
     if not h.diagonal().any():
         return fake_quantize_mxfp4(weight.detach(), scale_rule)
     n, k = weight.shape
-    w = weight.detach().double().clone()
-    h = h.double().clone()
+    w = weight.detach().to("cpu", torch.float64, copy=True)        # on the host whatever the model's device
+    h = h.to("cpu", torch.float64, copy=True)
     dead = torch.diag(h) == 0                  # inputs that are always zero: their weights do not matter
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -174,7 +175,7 @@ def gptq_round(weight: Tensor, h: Tensor, scale_rule: str = "mse", damp: float =
             w[:, j + 1:end] -= err * hinv[j, j + 1:end]
             errors[:, j - start:j - start + 1] = err
         w[:, end:] -= errors @ hinv[start:end, end:]
-    return q.to(weight.dtype)
+    return q.to(weight.device, weight.dtype)
 
 
 @torch.no_grad()
