@@ -693,7 +693,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ultraspeed-price-multiplier", type=float, default=3.0)
     s.add_argument("--price-input", type=float, default=0.5, help="USD per million prompt tokens (standard)")
     s.add_argument("--price-output", type=float, default=2.0, help="USD per million completion tokens (standard)")
-    s.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
+    s.add_argument("--max-queue", type=int, default=64, help="waiting requests per engine before 503 (with MXFP4 experts, the default, each tier has its own engine "
+                        "and queue; also the most candidates one request may ask for)")
     s.add_argument("--max-context", type=int, default=2048, help="prompt + completion tokens per request")
     s.add_argument("--max-n", type=int, default=16, help="largest n (candidates per prompt)")
     s.add_argument("--max-queued-per-key", type=int, default=10, help="API calls in flight per key before 429")

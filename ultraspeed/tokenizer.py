@@ -6,6 +6,7 @@ a byte-level BPE; control tokens become special tokens, so they are never split 
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +35,19 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """UTF-8 bytes of the longest vocabulary entry, at least the bytes of any text one token stands for:
+        text of B bytes is at least B / max_token_bytes tokens, whatever the tokenizer makes of it."""
+        return max(len(t.encode()) for t in self.backend.get_vocab(with_added_tokens=True))
+
+    def _encode(self, text: str) -> list[int]:
+        # encode_batch releases the GIL where encode holds it (seconds for a megabyte of text): the server
+        # tokenizes in a thread while the event loop and the engine thread keep going.
+        return self.backend.encode_batch([text], add_special_tokens=False)[0].ids
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        ids = self._encode(text)
         bos_id = self.token_id(self.bos_token)
         if add_special_tokens and self.add_bos and bos_id is not None and ids[:1] != [bos_id]:
             ids = [bos_id] + ids
@@ -61,8 +73,7 @@ class Tokenizer:
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         # The template already places any BOS it wants.
-        return self.backend.encode(self.apply_chat_template(messages, add_generation_prompt),
-                                   add_special_tokens=False).ids
+        return self._encode(self.apply_chat_template(messages, add_generation_prompt))
 
 
 def _raise_template_error(message: str):

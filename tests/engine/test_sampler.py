@@ -73,3 +73,26 @@ def test_seed_reproducible_and_frequencies_right():
 def test_invalid_params_rejected(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+def test_tiny_temperatures_are_greedy_and_tiny_top_p_keeps_the_top_token():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 5
+    greedy = logits.argmax(-1)
+    assert SamplingParams(temperature=1e-40).greedy
+    for params in (SamplingParams(temperature=1e-40), SamplingParams(temperature=1.0, top_p=1e-300),
+                   SamplingParams(temperature=1.0, top_p=1e-45)):
+        probs = token_distribution(logits, params)
+        assert torch.isfinite(probs).all()
+        assert torch.equal(probs.argmax(-1), greedy) and torch.equal(probs.max(-1).values, torch.ones(3))
+        assert torch.equal(sample(logits, params, make_generator(1)), greedy)
+
+
+def test_any_integer_seed_gives_a_reproducible_generator():
+    for seed in (2 ** 64, 2 ** 70 + 3, -(2 ** 63) - 1, 2 ** 64 - 1, -5):
+        a, b = make_generator(seed), make_generator(seed)
+        assert torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b))
+
+
+def test_a_row_of_nans_never_draws_past_the_vocabulary():
+    probs = torch.full((2, 10), float("nan"))
+    assert draw(probs, make_generator(0)).max() <= 9

@@ -43,7 +43,8 @@ def make_drafter(target, block_size=4):
 
 PARAMS = [SamplingParams(), SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_p=0.9),
           SamplingParams(temperature=1.3, top_k=5), SamplingParams(temperature=0.5, top_k=20, top_p=0.5),
-          SamplingParams(temperature=2.0, top_p=0.3)]
+          SamplingParams(temperature=2.0, top_p=0.3), SamplingParams(temperature=1e-30),
+          SamplingParams(temperature=1.0, top_p=1e-300)]
 
 
 def test_row_distribution_is_token_distribution_row_by_row():

@@ -63,6 +63,10 @@ def test_chat_streaming_ends_with_usage_chunk(tiny, client, model):
     assert last.choices == [] and last.usage.completion_tokens == len(ids)
     assert last.model_extra["tier"] in ("standard", "ultraspeed") and last.model_extra["cost"] > 0
     assert last.model_extra["ultraspeed"]["mean_accepted"] >= 1.0
+    quiet = list(client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Stream me"}],
+                                                max_tokens=20, temperature=0, stream=True,
+                                                stream_options={"include_usage": False}))
+    assert all(c.choices for c in quiet) and all(c.usage is None for c in quiet)      # opted out: no usage chunk
 
 
 @pytest.mark.parametrize("model", list(TIERS))

@@ -45,6 +45,17 @@ CASES = [
     ("tools asked for", CHAT, {**OK_CHAT, "tools": [{"type": "function"}]}, 400, "tools", "unsupported_parameter"),
     ("echo asked for", "/v1/completions", {"model": "tiny", "prompt": "a", "echo": True}, 400, "echo",
      "unsupported_parameter"),
+    ("seed beyond 64 bits", CHAT, {**OK_CHAT, "seed": 2 ** 64}, 400, "seed", None),
+    ("image content part", CHAT, {**OK_CHAT, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, 400, "messages.0.content", None),
+    ("tool_choice required", CHAT, {**OK_CHAT, "tool_choice": "required"}, 400, "tool_choice",
+     "unsupported_parameter"),
+    ("best_of asked for", "/v1/completions", {"model": "tiny", "prompt": "a", "best_of": 3}, 400, "best_of",
+     "unsupported_parameter"),
+    ("logprobs 0 on completions", "/v1/completions", {"model": "tiny", "prompt": "a", "logprobs": 0}, 400,
+     "logprobs", "unsupported_parameter"),
+    ("more prompts x n than the queue", "/v1/completions", {"model": "tiny", "prompt": ["a"] * 9, "n": 8}, 400,
+     "prompt", "invalid_value"),
     ("unknown route", "/v1/nothing", {}, 404, None, None),
 ]
 
@@ -71,8 +82,51 @@ def test_error_is_openai_shaped_and_server_survives(server, name, path, body, st
 
 def test_neutral_values_of_unimplemented_parameters_are_accepted(server):
     r = httpx.post(server.url + CHAT, json={**OK_CHAT, "logprobs": False, "frequency_penalty": 0,
-                                           "response_format": {"type": "text"}, "user": "me"}, timeout=30)
+                                           "response_format": {"type": "text"}, "user": "me",
+                                           "tool_choice": "none", "best_of": 1}, timeout=30)
     assert r.status_code == 200
+
+
+def test_null_means_the_default(server):
+    """OpenAI declares its optional parameters nullable; clients that serialise unset fields send null."""
+    nulls = dict.fromkeys(["temperature", "top_p", "n", "stream", "stop", "seed", "top_k", "ignore_eos",
+                           "stream_options", "logprobs", "tools"])
+    r = httpx.post(server.url + CHAT, json={**OK_CHAT, **nulls}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 1
+
+
+def test_tiny_temperature_and_top_p_decode_greedily_and_harm_no_one(server):
+    greedy = httpx.post(server.url + CHAT, json={**OK_CHAT, "temperature": 0, "max_tokens": 8}, timeout=30).json()
+    for extra in ({"temperature": 1e-40}, {"temperature": 1.0, "top_p": 1e-300}):
+        for model in ("tiny", "tiny-ultraspeed"):
+            r = httpx.post(server.url + CHAT, json={**OK_CHAT, **extra, "model": model, "max_tokens": 8}, timeout=30)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"] == greedy["choices"][0]["message"]["content"]
+
+
+def test_huge_text_is_refused_before_it_is_tokenized(server):
+    limit = 256 * server.state.tokenizer.max_token_bytes
+    r = httpx.post(server.url + CHAT, json={**OK_CHAT, "messages": [{"role": "user", "content": "x" * (limit + 1)}]},
+                   timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert "bytes of text" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": ["a", "y" * (limit + 1)]},
+                   timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_error_messages_name_the_cause(server):
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        r = http.post(CHAT, content=b'{"model": "tiny"}', headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert r.status_code == 400 and "Content-Type: application/json" in r.json()["error"]["message"]
+        r = http.post(CHAT, json={**OK_CHAT, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "x"}}]}]})
+        assert "only text content parts" in r.json()["error"]["message"]
+        full = "x" * (256 - len(server.state.tokenizer.encode_chat([{"role": "user", "content": ""}])))
+        r = http.post(CHAT, json={"model": "tiny", "messages": [{"role": "user", "content": full}]})
+        message = r.json()["error"]["message"]
+        assert r.status_code == 400 and "alone has 256 tokens" in message and "requested" not in message
 
 
 def test_engine_failure_is_a_500_or_an_error_event_and_the_server_recovers(tiny):

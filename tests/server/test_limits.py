@@ -45,7 +45,8 @@ def keyed(tiny):
 def test_auth_required_for_api_but_not_health(keyed):
     with httpx.Client(base_url=keyed.url) as http:
         body = {**CHAT, "stream": False, "max_tokens": 2}
-        for headers in ({}, auth("wrong"), {"Authorization": "key-alice"}):
+        for headers in ({}, auth("wrong"), {"Authorization": "key-alice"},
+                        {"Authorization": "Bearer \u20ac-key".encode()}):    # non-ASCII: still a plain 401
             r = http.post("/v1/chat/completions", json=body, headers=headers)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
             assert r.headers["www-authenticate"] == "Bearer"

@@ -188,6 +188,17 @@ def test_stop_without_drain_ends_everything_with_an_error(tiny):
     assert any(c.final.error for c in collectors)
 
 
+def start_decoding(engine, max_tokens: int) -> Collector:
+    """Submit a request for `max_tokens` tokens after "a" and wait until it is decoding."""
+    running = Collector()
+    engine.submit([EngineRequest([ord("a")], SamplingParams(max_tokens=max_tokens, ignore_eos=True), running)])
+    deadline = time.monotonic() + 10
+    while not running.updates:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    return running
+
+
 def test_a_failing_forward_ends_its_requests_with_an_error_and_the_engine_keeps_serving(tiny):
     from tests.server.conftest import ScriptedModel
     model = ScriptedModel({"a": {"b": 1.0}, "b": {"a": 1.0}}, delay_s=0.005)
@@ -197,16 +208,37 @@ def test_a_failing_forward_ends_its_requests_with_an_error_and_the_engine_keeps_
         model.fail = True                          # the prefill fails
         c, = run(engine, [EngineRequest([ord("a")], params, None)])
         assert c.final.error and "injected fault" in c.final.error
-        first = Collector()
-        engine.submit([EngineRequest([ord("a")], SamplingParams(max_tokens=50, ignore_eos=True), first)])
-        deadline = time.monotonic() + 10
-        while not first.updates:
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
+        first = start_decoding(engine, 50)
         model.fail = True                          # a decode step fails: every row of the lane gets the error
         assert first.done.wait(10) and first.final.error
         c, = run(engine, [EngineRequest([ord("a")], params, None)])
         assert c.tokens == [ord(x) for x in "babab"] and c.final.finish_reason == "length"
+    finally:
+        engine.stop()
+
+
+def test_a_request_that_cannot_start_fails_alone(tiny, monkeypatch):
+    """Anything that goes wrong while admitting one request (here: building its generator) ends that request
+    with an error; the requests running beside it, and the next ones, are untouched."""
+    from tests.server.conftest import ScriptedModel
+    from ultraspeed.engine import scheduler
+    model = ScriptedModel({"a": {"b": 1.0}, "b": {"a": 1.0}}, delay_s=0.005)
+    engine = Engine(model, EngineConfig(groups=(GroupConfig("standard", 2),), max_len=64)).start()
+    make_generator = scheduler.make_generator
+
+    def refuse_seed_13(seed, device):
+        if seed == 13:
+            raise ValueError("unusable seed")
+        return make_generator(seed, device)
+    monkeypatch.setattr(scheduler, "make_generator", refuse_seed_13)
+    try:
+        running = start_decoding(engine, 40)
+        bad, = run(engine, [EngineRequest([ord("a")], SamplingParams(max_tokens=5, seed=13), None)])
+        assert bad.final.error and "unusable seed" in bad.final.error and not bad.tokens
+        assert running.done.wait(10) and running.final.finish_reason == "length" and len(running.tokens) == 40
+        assert engine.snapshot()["standard"] == {"waiting": 0, "running": 0}
+        good, = run(engine, [EngineRequest([ord("a")], SamplingParams(max_tokens=3, ignore_eos=True), None)])
+        assert good.tokens == [ord(x) for x in "bab"]
     finally:
         engine.stop()
 

@@ -10,6 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
+# Temperatures below this decode greedily (vLLM's rule): logits divided by a tiny temperature overflow float32,
+# and the distribution they stand for is the argmax's one-hot anyway.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -30,6 +34,8 @@ class SamplingParams:
             raise ValueError("top_k must be >= 0")
         if self.max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
+        if self.temperature < GREEDY_BELOW:
+            object.__setattr__(self, "temperature", 0.0)
 
     @property
     def greedy(self) -> bool:
@@ -40,8 +46,8 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     g = torch.Generator(device=device)
     if seed is None:
         g.seed()
-    else:
-        g.manual_seed(seed)
+    else:   # torch takes [-2**63, 2**64); any other integer is folded into it rather than refused
+        g.manual_seed(seed if -(1 << 63) <= seed < (1 << 64) else seed % (1 << 64))
     return g
 
 
@@ -57,9 +63,12 @@ def token_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Te
     probs = torch.softmax(logits, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = nucleus_candidates(probs, params.top_p)
-        # Keep the smallest prefix whose mass reaches top_p (the token that crosses the line is kept).
+        # Keep the smallest prefix whose mass reaches top_p (the token that crosses the line is kept), and always
+        # the likeliest token: a top_p below float32's range would otherwise cut them all.
         mass_before = sorted_probs.cumsum(-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(mass_before >= params.top_p, 0.0)
+        cut = mass_before >= params.top_p
+        cut[..., 0] = False
+        sorted_probs = sorted_probs.masked_fill(cut, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
         probs = probs / probs.sum(-1, keepdim=True)
     return probs
@@ -105,4 +114,5 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     total = cdf[:, -1:]
     target = u.reshape(-1, 1).to(cdf.dtype) * total
     target = torch.minimum(target, torch.nextafter(total, torch.zeros_like(total)))   # rounding must not reach it
-    return torch.searchsorted(cdf, target, right=True).view(probs.shape[:-1])
+    # The clamp keeps a row of NaNs (from NaN logits) from drawing an id past the vocabulary.
+    return torch.searchsorted(cdf, target, right=True).clamp_(max=flat.shape[-1] - 1).view(probs.shape[:-1])

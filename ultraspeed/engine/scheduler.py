@@ -507,13 +507,15 @@ class Engine:
             use_spec = (group.speculative and self._spec is not None
                         and r.params.max_tokens <= room - self._spec.block_size)
             lane = self._spec if use_spec else self._plain
-            seq = _Sequence(r, make_generator(r.params.seed, self.model.embed_tokens.weight.device),
-                            min(r.params.max_tokens, room), GenerationStats(prompt_tokens=len(r.prompt_ids)),
-                            frozenset(() if r.params.ignore_eos else r.stop_ids), seed=seed_of(r.params))
+            stats, seq = GenerationStats(prompt_tokens=len(r.prompt_ids)), None
             t0 = time.perf_counter()
-            parent = next(((s, logits) for l, s, logits in prefilled if l is lane and s.request.id in self._running
-                           and s.request.prompt_ids == r.prompt_ids), None)
             try:
+                seq = _Sequence(r, make_generator(r.params.seed, self.model.embed_tokens.weight.device),
+                                min(r.params.max_tokens, room), stats,
+                                frozenset(() if r.params.ignore_eos else r.stop_ids), seed=seed_of(r.params))
+                parent = next(((s, logits) for l, s, logits in prefilled
+                               if l is lane and s.request.id in self._running and s.request.prompt_ids == r.prompt_ids),
+                              None)
                 if parent is not None:
                     lane.fork(seq, parent[0])
                     logits = parent[1]
@@ -522,9 +524,12 @@ class Engine:
                     seq.stats.prefill_tokens = len(r.prompt_ids)
                     prefilled.append((lane, seq, logits))
                 first = [int(sample(logits, r.params, seq.generator))]
-            except Exception as e:   # a failed prefill ends this request only
-                log.exception("prefill failed")
-                self._emit(r, Update(error=f"prefill failed: {e}", stats=seq.stats))
+            except Exception as e:   # a request that cannot start (its generator, its prefill) ends alone
+                log.exception("admitting request %d failed", r.id)
+                row = next((i for i, s in enumerate(lane.seqs) if s is seq), None)
+                if row is not None:
+                    lane.remove(row)
+                self._emit(r, Update(error=f"prefill failed: {e}", stats=stats))
                 continue
             seq.started = time.perf_counter()
             seq.stats.prefill_seconds = seq.started - t0

@@ -65,6 +65,7 @@ def row_distribution(logits: torch.Tensor, temperature: torch.Tensor, top_p: tor
     # The smallest prefix whose mass reaches top_p (the token that crosses the line is kept); rows with top_p 1
     # skip the cut, which rounding in the running sum could otherwise apply to their last tokens.
     cut = (probs.cumsum(-1) - probs >= top_p.view(shape)) & (top_p < 1).view(shape)
+    cut[..., 0] = False                      # the likeliest token always stays (a top_p that rounds to 0)
     probs = probs.masked_fill(cut, 0.0)
     probs = torch.zeros_like(probs).scatter_(-1, order, probs / probs.sum(-1, keepdim=True))
     one_hot = torch.zeros_like(probs).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)

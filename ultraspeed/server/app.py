@@ -8,9 +8,9 @@
     POST /v1/completions        raw prompts (text or token ids), same options
     GET  /openapi.json, /docs   from FastAPI
 
-Streams are Server-Sent Events: `data: {chunk}` lines, then always a final usage chunk (`choices: []`, `usage`,
-`tier`, `cost`, `ultraspeed`; sent whether or not `stream_options.include_usage` is set, because the cost must
-reach the client), then `data: [DONE]`. A failure after the stream started is one `data: {"error": {...}}` event
+Streams are Server-Sent Events: `data: {chunk}` lines, then a final usage chunk (`choices: []`, `usage`,
+`tier`, `cost`, `ultraspeed`; sent unless the client sets `stream_options.include_usage: false`, because the cost
+should reach the client), then `data: [DONE]`. A failure after the stream started is one `data: {"error": {...}}` event
 followed by `data: [DONE]`.
 
 Each engine runs in its own thread (started and drained by the app's lifespan); this module never blocks the
@@ -56,7 +56,7 @@ class ServerConfig:
     standard_max_running: int = 8         # concurrent requests of the standard tier
     ultraspeed_max_running: int = 2       # ... of the ultraspeed tier (its capacity is deliberately small)
     ultraspeed_multiplier: float = 3.0    # its price relative to standard
-    max_queue: int = 64                   # waiting requests (all tiers) before 503
+    max_queue: int = 64                   # waiting requests per engine before 503 (one engine per tier with MXFP4)
     max_len: int = 2048                   # context served: prompt + completion tokens per request
     max_n: int = 16                       # candidates per prompt
     prices: Prices = field(default_factory=Prices)
@@ -145,7 +145,8 @@ class AuthMiddleware:
             header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             key = bearer_token(header)
             # compare_digest against every key: the time taken says nothing about how close a guess was
-            if key is None or not any(hmac.compare_digest(key, k) for k in self.keys):
+            # (as UTF-8 bytes: compare_digest refuses str with non-ASCII characters)
+            if key is None or not any(hmac.compare_digest(key.encode(), k.encode()) for k in self.keys):
                 message = ("missing API key: send 'Authorization: Bearer <key>'" if key is None
                            else "incorrect API key provided")
                 await APIError(401, message, code="invalid_api_key",
@@ -234,12 +235,24 @@ def create_app(state: ServerState) -> FastAPI:
                            code="model_not_found", param="model")
         return state.tiers[model_id]
 
+    def check_text_size(texts: list[str], tier: Tier, param: str) -> None:
+        """Refuse text that cannot fit the context before tokenizing it (which takes seconds per megabyte): no
+        tokenization gives fewer tokens than UTF-8 bytes over the longest token's bytes."""
+        limit = state.engines[tier.name].context_limit * state.tokenizer.max_token_bytes
+        size = sum(len(t.encode()) for t in texts)
+        if size > limit:
+            raise APIError(400, f"This model's maximum context length is {state.engines[tier.name].context_limit} "
+                                f"tokens, and the {param} holds {size:,} bytes of text: more tokens than that "
+                                f"whatever they are. Please reduce the length of the {param}.",
+                           code="context_length_exceeded", param=param)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         tier = tier_of(body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        try:
-            prompt = state.tokenizer.encode_chat(messages)
+        check_text_size([m["content"] for m in messages], tier, "messages")
+        try:   # in a thread: a long prompt must not stall the streams the event loop is serving
+            prompt = await asyncio.to_thread(state.tokenizer.encode_chat, messages)
         except UltraSpeedError as e:
             raise APIError(400, str(e), code="invalid_messages", param="messages") from e
         max_tokens = body.max_completion_tokens or body.max_tokens
@@ -249,13 +262,17 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         tier = tier_of(body.model)
-        return await complete(request, body, tier, completion_prompts(body.prompt), body.max_tokens,
-                              Format(chat=False, model=body.model), "prompt")
+        prompts = await asyncio.to_thread(completion_prompts, body.prompt, tier)
+        return await complete(request, body, tier, prompts, body.max_tokens, Format(chat=False, model=body.model),
+                              "prompt")
 
-    def completion_prompts(prompt) -> list[list[int]]:
+    def completion_prompts(prompt, tier: Tier) -> list[list[int]]:
         if isinstance(prompt, str):
+            check_text_size([prompt], tier, "prompt")
             prompts = [state.tokenizer.encode(prompt)]
         elif prompt and isinstance(prompt[0], str):
+            for p in prompt:
+                check_text_size([p], tier, "prompt")
             prompts = [state.tokenizer.encode(p) for p in prompt]
         elif prompt and isinstance(prompt[0], int):
             prompts = [list(prompt)]
@@ -280,6 +297,10 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(400, f"at most {MAX_STOP_STRINGS} stop strings", code="invalid_value", param="stop")
         if body.n > cfg.max_n:
             raise APIError(400, f"n must be at most {cfg.max_n}", code="invalid_value", param="n")
+        if len(prompts) * body.n > cfg.max_queue:   # queued together: more could never be accepted
+            raise APIError(400, f"{len(prompts)} prompts x n={body.n} candidates exceed what this server queues at "
+                                f"once ({cfg.max_queue}); send fewer prompts per request", code="invalid_value",
+                           param=prompt_param)
         if body.verifier is not None:
             check_verifier(body.verifier)
         if not state.accepting:
@@ -320,7 +341,9 @@ def create_app(state: ServerState) -> FastAPI:
                                      session_end)
         idle = limits.idle_seconds if limits.idle_seconds > 0 else math.inf
         if body.stream:
-            return EventStream(stream_events(gen, fmt, body.verifier, idle, deadline), on_close=finish)
+            include_usage = body.stream_options is None or body.stream_options.include_usage
+            return EventStream(stream_events(gen, fmt, body.verifier, idle, deadline, include_usage),
+                               on_close=finish)
         watcher = asyncio.create_task(cancel_on_disconnect(request, gen))
         try:
             await gen.run_to_end(math.inf, deadline)
@@ -340,12 +363,12 @@ def create_app(state: ServerState) -> FastAPI:
         for p in prompts:
             wanted = len(p) + (max_tokens or 1)
             if wanted > limit:
-                asked = f"{len(p)} in the {prompt_param}" + (f", {max_tokens} in the completion" if max_tokens
-                                                               else "")
-                raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you "
-                                    f"requested {wanted} tokens ({asked}). Please reduce the length of the "
-                                    f"{prompt_param} or completion.", code="context_length_exceeded",
-                               param=prompt_param)
+                asked = (f"you requested {wanted} tokens ({len(p)} in the {prompt_param}, {max_tokens} in the "
+                         f"completion)" if max_tokens else
+                         f"the {prompt_param} alone has {len(p)} tokens, which leaves no room for a completion")
+                raise APIError(400, f"This model's maximum context length is {limit} tokens. However, {asked}. "
+                                    f"Please reduce the length of the {prompt_param} or completion.",
+                               code="context_length_exceeded", param=prompt_param)
             out.append(SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                                       max_tokens=max_tokens or limit - len(p), seed=body.seed,
                                       ignore_eos=body.ignore_eos))
@@ -374,7 +397,7 @@ def create_app(state: ServerState) -> FastAPI:
         return [fmt.choice(p, c.text, openai_finish_reason(c)) for p, c in enumerate(winners)]
 
     async def stream_events(gen: Generation, fmt: Format, verifier: VerifierSpec | None, idle: float,
-                            deadline: Deadline) -> AsyncIterator[dict | str]:
+                            deadline: Deadline, include_usage: bool) -> AsyncIterator[dict | str]:
         indices = range(len(gen.prompts)) if verifier else [c.index for c in gen.candidates]
         if fmt.chat:
             for i in indices:
@@ -405,7 +428,8 @@ def create_app(state: ServerState) -> FastAPI:
             yield error_body(f"generation failed: {e}", "server_error", code="generation_failed")
             yield "[DONE]"
             return
-        yield fmt.usage_chunk(gen, best_of)
+        if include_usage:
+            yield fmt.usage_chunk(gen, best_of)
         yield "[DONE]"
 
     async def cancel_on_disconnect(request: Request, gen: Generation) -> None:

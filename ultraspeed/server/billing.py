@@ -1,8 +1,10 @@
 """What a request costs: base prices per million tokens (the standard tier), times the tier's multiplier.
 
-Billing follows OpenAI's usage accounting: the prompt is counted once per prompt, completion tokens are counted
-for every generated candidate (with best-of-N you pay for all N candidates, not just the winner), and tokens a
-stop string cut away still count, because they were computed.
+Billing follows OpenAI's usage accounting: the prompt is counted once per prompt (once it reached the engine: a
+call cancelled while still queued costs nothing), completion tokens are counted for every generated candidate
+(with best-of-N you pay for all N candidates, not just the winner), up to the token that completed a stop
+string. A speculative step may have committed a few tokens past it; the same text costs the same tokens on
+either tier.
 """
 
 from __future__ import annotations

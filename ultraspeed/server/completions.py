@@ -65,8 +65,9 @@ class Candidate:
     stream: TextStream
     request_id: int = -1
     text: str = ""
-    tokens: int = 0
+    tokens: int = 0                 # completion tokens billed (past a stop string: see Generation._apply)
     accepted: list[int] = field(default_factory=list)
+    started: bool = False           # the engine admitted it (its prompt was prefilled, or shared a sibling's)
     prefill_tokens: int = 0         # prompt tokens the engine ran for it (0 when it shared a sibling's prefill)
     plain_after: int | None = None  # speculative steps after which the engine switched it to plain decoding
     finish_reason: str | None = None
@@ -171,6 +172,7 @@ class Generation:
                 self.first_token_at = now
                 self.metrics.first_token(self.tier.name, now - self.arrived)
             self.last_token_at = now
+            c.started = True
             c.tokens += len(update.token_ids)
             self.metrics.tokens(self.tier.name, len(update.token_ids), update.accepted)
         if update.accepted:
@@ -179,6 +181,7 @@ class Generation:
             c.prefill_tokens, c.plain_after = update.stats.prefill_tokens, update.stats.plain_after
         delta = c.stream.feed(update.token_ids)
         if c.stream.stopped:
+            c.tokens -= len(c.stream.ids) - c.stream.stop_tokens      # what a plain decode would have made
             c.finish_reason = "stop"
             self.engine.cancel(c.request_id)
         elif update.error:
@@ -201,7 +204,10 @@ class Generation:
     # -- accounting ------------------------------------------------------------------------------------------
 
     def usage(self) -> dict:
-        return usage(sum(len(p) for p in self.prompts), sum(c.tokens for c in self.candidates))
+        """Prompts that reached the engine (a call cancelled while queued costs nothing), and the completion
+        tokens of every candidate up to its end (a stop string's surplus excluded: see Candidate.tokens)."""
+        started = {c.prompt_index for c in self.candidates if c.started}
+        return usage(sum(len(self.prompts[p]) for p in started), sum(c.tokens for c in self.candidates))
 
     def cost(self) -> float:
         u = self.usage()

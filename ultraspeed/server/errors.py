@@ -40,7 +40,7 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def _validation_error(exc: RequestValidationError) -> APIError:
+def _validation_error(exc: RequestValidationError, content_type: str = "application/json") -> APIError:
     errors = exc.errors()
     first = errors[0] if errors else {}
     kind = first.get("type", "")
@@ -51,6 +51,8 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     if param is None:
         message = ("the request body is missing: send a JSON object" if kind == "missing"
                    else "the request body must be a JSON object")
+        if "json" not in content_type:   # e.g. curl -d without -H: FastAPI does not parse the body at all
+            message += f" sent with 'Content-Type: application/json' (got {content_type or 'none'!r})"
         return APIError(400, message, code="invalid_request_body")
     # A union field (e.g. content: str | list[part]) fails once per alternative: name the alternatives instead.
     alternatives = [str(e["loc"][-1]) for e in errors if _param(e["loc"]) == param and _is_tag(e["loc"][-1])]
@@ -78,8 +80,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_error(exc).response()
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_error(exc, request.headers.get("content-type", "")).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

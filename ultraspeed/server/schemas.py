@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -25,6 +25,16 @@ class ChatMessage(_Strict):
     content: str | list[TextPart] | None = None
     name: str | None = None
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: Any) -> Any:
+        if isinstance(content, list):
+            kinds = {p.get("type") for p in content if isinstance(p, dict)} - {"text"}
+            if kinds:
+                raise ValueError(f"only text content parts are supported (the models served here read text); "
+                                 f"got {', '.join(map(repr, sorted(map(str, kinds))))}")
+        return content
+
     def text(self) -> str:
         if self.content is None:
             return ""
@@ -32,7 +42,7 @@ class ChatMessage(_Strict):
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = True      # the usage chunk is always sent (it carries tier and cost)
+    include_usage: bool = True      # unlike OpenAI, on unless set false: the usage chunk carries tier and cost
 
 
 class VerifierSpec(_Strict):
@@ -49,7 +59,7 @@ class _Sampling(_Strict):
     top_k: int = Field(0, ge=0, description="extension: 0 = no top-k filter")
     n: int = Field(1, ge=1, le=128, description="candidates per prompt (the server may cap it lower)")
     stop: str | list[str] | None = Field(None, description="up to 4 stop strings")
-    seed: int | None = Field(None, description="candidate i samples with seed + i")
+    seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 63, description="candidate i samples with seed + i")
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="extension: keep generating past end-of-sequence")
@@ -63,13 +73,26 @@ class _Sampling(_Strict):
     presence_penalty: Any = None
     frequency_penalty: Any = None
     tools: Any = None
+    tool_choice: Any = None
     response_format: Any = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        # OpenAI declares the optional parameters nullable, and clients that serialise unset fields send null.
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
     def unsupported(self) -> str | None:
         """The first parameter the request really uses that this server does not implement."""
-        for name in ("logprobs", "top_logprobs", "logit_bias", "tools", "echo", "suffix"):
+        if self.logprobs is not None and self.logprobs is not False:    # completions' logprobs: 0 asks too
+            return "logprobs"
+        for name in ("top_logprobs", "logit_bias", "tools", "echo", "suffix"):
             if getattr(self, name, None):
                 return name
+        if getattr(self, "best_of", None) not in (None, 1):
+            return "best_of"
+        if self.tool_choice not in (None, "none", "auto"):
+            return "tool_choice"
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) not in (None, 0):
                 return name
@@ -92,3 +115,4 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(description="text(s) or token id list(s)")
     echo: Any = None        # not implemented (see `unsupported`)
     suffix: Any = None
+    best_of: Any = None     # candidates ranked by log-probability: not implemented (n + verifier picks by tests)
