@@ -84,7 +84,7 @@ def test_lr_scale_multiplies_both_learning_rates(capsys):
     for bad in ("0", "-1", "nan", "fast"):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["train-drafter", "--lr-scale", bad])
-        assert "expected a positive number" in capsys.readouterr().err
+        assert "number > 0, not" in capsys.readouterr().err
 
 
 def test_device_flag_on_both_commands_and_a_clear_error_without_a_gpu(capsys):

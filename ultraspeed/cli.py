@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from typing import TYPE_CHECKING
@@ -20,10 +21,10 @@ if TYPE_CHECKING:
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=256, help="new tokens to generate at most (default 256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 = no top-k filter")
+    p.add_argument("--max-tokens", type=SIZE, default=256, help="new tokens to generate at most (default 256)")
+    p.add_argument("--temperature", type=NONNEGATIVE, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float_in(0.0, 1.0, low_open=True), default=1.0)
+    p.add_argument("--top-k", type=COUNT, default=0, help="0 = no top-k filter")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible outputs)")
 
 
@@ -37,14 +38,39 @@ def min_accepted_arg(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"expected a number or 'auto', not {text!r}") from None
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, not {text!r}") from None
-    if not value > 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"expected a positive number, not {value}")
-    return value
+def int_at_least(minimum: int, maximum: int | None = None):
+    """An argparse type: an integer >= minimum (and <= maximum): counts, sizes, intervals, where 0 or negative
+    values would hang, divide by zero or act as Python slices further down."""
+    wanted = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer {wanted}, not {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"expected an integer {wanted}, not {value}")
+        return value
+    return parse
+
+
+def float_in(low: float, high: float = math.inf, low_open: bool = False):
+    """An argparse type: a finite number >= low (> low with low_open) and <= high; refuses nan and inf."""
+    wanted = (f"> {low:g}" if low_open else f">= {low:g}") + ("" if high == math.inf else f" and <= {high:g}")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number {wanted}, not {text!r}") from None
+        if not (math.isfinite(value) and (value > low if low_open else value >= low) and value <= high):
+            raise argparse.ArgumentTypeError(f"expected a finite number {wanted}, not {text}")
+        return value
+    return parse
+
+
+COUNT, SIZE = int_at_least(0), int_at_least(1)
+NONNEGATIVE, positive_float = float_in(0.0), float_in(0.0, low_open=True)
 
 
 def share_arg(text: str) -> float:
@@ -56,6 +82,25 @@ def share_arg(text: str) -> float:
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1 (exclusive), not {value}")
     return value
+
+
+def writable_output(path: str, directory: bool = False):
+    """Check an output location before the work that fills it (minutes to hours): create its directory now, and
+    refuse one that cannot be written, instead of losing the result at the end."""
+    from pathlib import Path
+    out = Path(path)
+    folder = out if directory else out.parent
+    if directory and out.exists() and not out.is_dir():
+        raise UltraSpeedError(f"{out}: exists and is not a directory")
+    if not directory and out.is_dir():
+        raise UltraSpeedError(f"{out}: is a directory; give a file name")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UltraSpeedError(f"{folder}: cannot create the output directory ({e.strerror or e})") from None
+    if not os.access(folder, os.W_OK):
+        raise UltraSpeedError(f"{folder}: not writable")
+    return out
 
 
 def min_accepted_for(args: argparse.Namespace, adaptive: bool) -> float | None:
@@ -202,7 +247,7 @@ def _generate(args: argparse.Namespace, loaded: LoadedModel, env: DistEnv | None
 
     seed = args.seed if env is None else shared_seed(args.seed, env)   # ranks must draw the same samples
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            max_tokens=args.max_tokens, seed=seed, stop=tuple(args.stop or ()))
+                            max_tokens=args.max_tokens, seed=seed, stop=tuple(s for s in args.stop or () if s))
     out = sys.stdout if env is None or env.is_main else None
     weights = "checkpoint"
     if env is None:                      # sharded models keep their checkpoint precision
@@ -217,7 +262,7 @@ def _generate(args: argparse.Namespace, loaded: LoadedModel, env: DistEnv | None
     drafter = None
     if drafter_path is not None:
         from ultraspeed.models.dflash import load_drafter
-        drafter = load_drafter(drafter_path, loaded.model.dtype)
+        drafter = load_drafter(drafter_path, loaded.model.dtype, loaded.config)
         match_drafter_weights(drafter, weights, loaded.model)
         drafter.to(device)             # sharded: replicated, every rank drafts the same block
         drafter = served_block(drafter, args.block_size, loaded.model)
@@ -282,14 +327,16 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
     out = Path(args.out)
     existing = out / "drafter.safetensors"
     if existing.exists() and (out / "checkpoint.pt").exists():
-        drafter = load_drafter(existing).requires_grad_(True)      # resume keeps the recorded config
+        drafter = load_drafter(existing, target=loaded.config).requires_grad_(True)   # resume: its recorded config
     elif args.init_from:
         # Fine-tune a trained drafter (e.g. the shipped one on more data): its file's config wins over the
         # architecture flags; the draft vocabulary is re-ranked on the new data below (the head is the target's).
-        drafter = load_drafter(args.init_from).requires_grad_(True)
+        drafter = load_drafter(args.init_from, target=loaded.config).requires_grad_(True)
         print(f"starting from {args.init_from} (its architecture: {drafter.config.num_layers} layers, block "
               f"{drafter.config.block_size})", file=sys.stderr)
     else:
+        if args.features > loaded.config.num_layers:
+            raise UltraSpeedError(f"--features {args.features}: the target has only {loaded.config.num_layers} layers")
         config = DFlashConfig.for_target(loaded.config, num_layers=args.layers, num_features=args.features,
                                          block_size=args.block_size, window=args.window,
                                          draft_vocab_size=min(args.draft_vocab, loaded.config.vocab_size))
@@ -331,6 +378,9 @@ def cmd_build_lookup_corpus(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix != ".npz":
         raise UltraSpeedError(f"--out must name a .npz file, not {out}")
+    if not any(args.prompts):
+        raise UltraSpeedError("--prompts asks for no prompt at all (CODE MATH CHAT AGENT counts)")
+    writable_output(args.out)
     torch.set_num_threads(args.threads) if args.threads else None
     loaded = load_model(args.model)
     weights = apply_weight_format(loaded.model, args.weights)   # answer as served: these are the tokens to draft
@@ -343,10 +393,12 @@ def cmd_build_lookup_corpus(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from ultraspeed.loader import load_model
+    from ultraspeed.loader import load_model, resolve_model_path
     from ultraspeed.quant.apply import expert_weight_bytes, quantize_experts
-    from ultraspeed.quant.checkpoint import quantization_config, save_mxfp4_checkpoint
+    from ultraspeed.quant.checkpoint import check_checkpoint_output, quantization_config, save_mxfp4_checkpoint
 
+    check_checkpoint_output(args.output, resolve_model_path(args.input))   # before the load, not after the work
+    writable_output(args.output, directory=True)
     loaded = load_model(args.input, dequantize=True)    # a packed input is re-packed from its decoded weights
     before = expert_weight_bytes(loaded.model)
     if args.rounding == "gptq":
@@ -369,10 +421,12 @@ def cmd_qat(args: argparse.Namespace) -> int:
 
     import torch
     from ultraspeed.loader import load_model
-    from ultraspeed.quant.checkpoint import quantization_config, save_mxfp4_checkpoint
+    from ultraspeed.quant.checkpoint import check_checkpoint_output, quantization_config, save_mxfp4_checkpoint
     from ultraspeed.train.qat import QATConfig, export_qat, train_qat
     from ultraspeed.train.text_corpus import corpus_texts, token_windows
 
+    check_checkpoint_output(args.out)           # its training state and the exported checkpoint live there
+    writable_output(args.out, directory=True)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads) if args.threads else None
     loaded = load_model(args.model, dequantize=True)
@@ -396,16 +450,22 @@ def cmd_qat(args: argparse.Namespace) -> int:
 
 
 def emit_report(report: dict, args: argparse.Namespace, table: str) -> None:
-    """--json prints the machine-readable report; otherwise a table. --out also saves the JSON."""
+    """--json prints the machine-readable report; otherwise a table. --out also saves the JSON (checked to be
+    writable before the bench ran: check_report_out)."""
+    print(json.dumps(report, indent=2) if args.json else table)
     if args.out:
         from pathlib import Path
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2) if args.json else table)
+
+
+def check_report_out(args: argparse.Namespace) -> None:
+    if args.out:
+        writable_output(args.out)
 
 
 def cmd_bench_speed(args: argparse.Namespace) -> int:
     from ultraspeed.bench.speed import SpeedConfig, format_table, run_speed_bench
+    check_report_out(args)
     peers = () if args.no_peers else tuple(args.peers)
     cfg = SpeedConfig(model=args.model, new_tokens=args.new_tokens, repeats=args.repeats, threads=args.threads,
                       peers=peers, drafter=args.drafter)
@@ -422,11 +482,13 @@ def cmd_bench_acceptance(args: argparse.Namespace) -> int:
     path = drafter_for(args.model, args.drafter)
     if path is None:
         raise UltraSpeedError("no drafter: pass --drafter PATH (only the default model ships with one)")
+    check_report_out(args)
     cfg = AcceptanceConfig(domains=tuple(args.domains), block_sizes=tuple(args.block_sizes),
                            prompts_per_domain=args.prompts, max_tokens=args.max_tokens, threads=args.threads,
                            weights=args.weights, split=args.split, adaptive=args.verify == "adaptive",
                            lookup=not args.no_lookup, lookup_corpus=as_str(lookup_corpus_for(args.model, args.lookup_corpus)))
-    report = run_acceptance_bench(load_model(args.model), load_drafter(path), cfg)
+    loaded = load_model(args.model)
+    report = run_acceptance_bench(loaded, load_drafter(path, target=loaded.config), cfg)
     report["drafter_path"] = str(path)
     emit_report(report, args, format_table(report))
     return 0
@@ -436,6 +498,7 @@ def cmd_bench_report(args: argparse.Namespace) -> int:
     from pathlib import Path
     from ultraspeed.bench.report import ReportConfig, failed_systems, quick, run_report
     from ultraspeed.drafters import lookup_corpus_for
+    writable_output(args.out_dir, directory=True)
     cfg = ReportConfig(model=args.model, drafter=args.drafter, systems=tuple(args.systems),
                        domains=tuple(args.domains), prompts_per_domain=args.prompts, new_tokens=args.new_tokens,
                        repeats=args.repeats, block_sizes=tuple(args.block_sizes), threads=args.threads,
@@ -451,11 +514,14 @@ def cmd_bench_report(args: argparse.Namespace) -> int:
 
 def cmd_cost(args: argparse.Namespace) -> int:
     from ultraspeed.bench.cost import Task, Tier, compare, format_report, speeds_from_bench
-    speeds = {"standard": args.standard_speed, "ultraspeed": args.ultraspeed_speed}
-    if args.from_bench:
-        speeds = {**speeds_from_bench(args.from_bench), **{k: v for k, v in speeds.items() if v}}
-    if not speeds["standard"] or not speeds["ultraspeed"]:
-        raise UltraSpeedError("give --standard-speed and --ultraspeed-speed (tok/s) or --from-bench REPORT.json")
+    given = {"standard": args.standard_speed, "ultraspeed": args.ultraspeed_speed}
+    speeds = speeds_from_bench(args.from_bench) if args.from_bench else {}
+    speeds.update({tier: speed for tier, speed in given.items() if speed is not None})   # flags win
+    missing = [tier for tier in given if tier not in speeds]
+    if missing:
+        where = f"{args.from_bench} has no {' or '.join(missing)} speed: " if args.from_bench else ""
+        flags = " and ".join(f"--{tier}-speed" for tier in missing)
+        raise UltraSpeedError(f"{where}give {flags} (tok/s), or --from-bench REPORT.json")
     tiers = [Tier("standard", speeds["standard"], 1.0, args.ttft, args.standard_retry_rate),
              Tier("ultraspeed", speeds["ultraspeed"], args.multiplier, args.ttft, args.ultraspeed_retry_rate)]
     task = Task(args.output_tokens, args.prompt_tokens, args.price_in, args.price_out, args.value_of_time)
@@ -466,6 +532,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
 
 def cmd_bench_quant(args: argparse.Namespace) -> int:
     from ultraspeed.bench.quant import QuantBenchConfig, format_table, run_quant_bench
+    check_report_out(args)
     cfg = QuantBenchConfig(model=args.model, qat=args.qat, scale_rule=args.scale_rule, chat_texts=args.chat_texts,
                            window=args.window, new_tokens=args.new_tokens, repeats=args.repeats,
                            threads=args.threads)
@@ -478,8 +545,8 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default")
     p.add_argument("--json", action="store_true", help="print the machine-readable JSON report")
     p.add_argument("--out", default=None, help="also write the JSON report to this file")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads for every system (default 2)")
-    p.add_argument("--repeats", type=int, default=3, help="rounds over the prompt set; medians are reported")
+    p.add_argument("--threads", type=SIZE, default=2, help="CPU threads for every system (default 2)")
+    p.add_argument("--repeats", type=SIZE, default=3, help="rounds over the prompt set; medians are reported")
 
 
 def ultraspeed_tier_model(loaded, checkpoint: str | None, rounding: str = "gptq"):
@@ -546,7 +613,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     stop_followers = lead(loaded.model, env) if env is not None else None
     drafter_path = None if args.no_spec else drafter_for(args.model, args.drafter)
-    drafter = load_drafter(drafter_path, loaded.model.dtype) if drafter_path else None
+    drafter = load_drafter(drafter_path, loaded.model.dtype, loaded.config) if drafter_path else None
     fast = None
     if env is None and args.ultraspeed_experts == "mxfp4":
         # Before the int8 swap changes the modules.
@@ -609,7 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "Q4_1 GGUF's 4-bit matrices kept 4-bit (lossless, less memory, slower here), the rest int8")
     g.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
-    g.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    g.add_argument("--threads", type=COUNT, default=0, help="CPU threads (default: torch's choice)")
     add_device_flag(g)
     add_runtime_flag(g)
     add_parallel_flags(g)
@@ -620,34 +687,34 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", default="default", help="target model (directory, .gguf or 'default')")
     t.add_argument("--out", default="runs/drafter", help="checkpoints and drafter.safetensors (resumable)")
     t.add_argument("--data-dir", default="runs/distill", help="cache of generated sequences and features")
-    t.add_argument("--prompts", type=int, nargs=4, default=[120, 200, 300, 120], metavar=("CODE", "MATH", "CHAT", "AGENT"),
+    t.add_argument("--prompts", type=COUNT, nargs=4, default=[120, 200, 300, 120], metavar=("CODE", "MATH", "CHAT", "AGENT"),
                    help="training prompts per domain (default 120 200 300 120); code past HumanEval's 120 training "
                         "tasks goes on with functions of the Python standard library to complete")
-    t.add_argument("--max-new-tokens", type=int, default=192, help="target response length for distillation")
-    t.add_argument("--gen-batch", type=int, default=16, help="sequences generated at once")
-    t.add_argument("--corpus-chat", type=int, default=0, metavar="N",
+    t.add_argument("--max-new-tokens", type=SIZE, default=192, help="target response length for distillation")
+    t.add_argument("--gen-batch", type=SIZE, default=16, help="sequences generated at once")
+    t.add_argument("--corpus-chat", type=COUNT, default=0, metavar="N",
                    help="also train on N ShareGPT first exchanges, teacher-forced (the target labels every "
                         "position with its own greedy token; ~10x cheaper per token than generating)")
-    t.add_argument("--corpus-code", type=int, default=0, metavar="N",
+    t.add_argument("--corpus-code", type=COUNT, default=0, metavar="N",
                    help="... and on N HumanEval training solutions (at most 120)")
     t.add_argument("--corpus-dir", default="runs/corpus", help="cache of the teacher-forced text and features "
                    "(in shards: a larger --corpus-chat reuses what is built; an interrupted build resumes)")
     t.add_argument("--corpus-share", type=share_arg, default=None, metavar="F",
                    help="fraction of each step's sequences drawn from the teacher-forced text, the rest from the "
                         "target's own responses (default: in proportion to their sequence counts)")
-    t.add_argument("--layers", type=int, default=2, help="draft transformer layers")
-    t.add_argument("--features", type=int, default=5, help="target layers whose outputs feed the drafter")
-    t.add_argument("--block-size", type=int, default=16)
-    t.add_argument("--window", type=int, default=None, help="sliding window over context (default: full)")
-    t.add_argument("--draft-vocab", type=int, default=8192,
+    t.add_argument("--layers", type=SIZE, default=2, help="draft transformer layers")
+    t.add_argument("--features", type=SIZE, default=5, help="target layers whose outputs feed the drafter")
+    t.add_argument("--block-size", type=int_at_least(2), default=16)
+    t.add_argument("--window", type=SIZE, default=None, help="sliding window over context (default: full)")
+    t.add_argument("--draft-vocab", type=COUNT, default=8192,
                    help="draft among this many most frequent tokens of the data (0 = full vocabulary)")
-    t.add_argument("--steps", type=int, default=2000)
-    t.add_argument("--seqs-per-step", type=int, default=4)
-    t.add_argument("--anchors", type=int, default=24, help="random anchor blocks per sequence")
+    t.add_argument("--steps", type=SIZE, default=2000)
+    t.add_argument("--seqs-per-step", type=SIZE, default=4)
+    t.add_argument("--anchors", type=SIZE, default=24, help="random anchor blocks per sequence")
     t.add_argument("--lr-scale", type=positive_float, default=1.0, metavar="F",
                    help="multiply both peak learning rates (Muon 2e-3, AdamW 3e-3) by F, e.g. below 1 to fine-tune "
                         "with --init-from without first undoing what the drafter knows")
-    t.add_argument("--checkpoint-every", type=int, default=100)
+    t.add_argument("--checkpoint-every", type=SIZE, default=100)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--weights", choices=["auto", "fp32", "int8", "q4"], default="auto",
                    help="target weights while distilling: serve-time format (auto = int8 on CPU)")
@@ -685,29 +752,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", default=None, help="model id of the standard tier (default: from the "
                    "model file); the ultraspeed tier is '<name>-ultraspeed'")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int_at_least(0, 65535), default=8000)
     s.add_argument("--api-keys-file", default=None, help="one API key per line; also read from ULTRASPEED_API_KEYS "
                    "(comma separated); with no keys the server is open")
-    s.add_argument("--max-concurrent", type=int, default=8, help="standard tier: requests decoding at once")
-    s.add_argument("--ultraspeed-max-concurrent", type=int, default=2, help="ultraspeed tier: requests at once")
-    s.add_argument("--ultraspeed-price-multiplier", type=float, default=3.0)
-    s.add_argument("--price-input", type=float, default=0.5, help="USD per million prompt tokens (standard)")
-    s.add_argument("--price-output", type=float, default=2.0, help="USD per million completion tokens (standard)")
-    s.add_argument("--max-queue", type=int, default=64, help="waiting requests per engine before 503 (with MXFP4 experts, the default, each tier has its own engine "
+    s.add_argument("--max-concurrent", type=SIZE, default=8, help="standard tier: requests decoding at once")
+    s.add_argument("--ultraspeed-max-concurrent", type=SIZE, default=2, help="ultraspeed tier: requests at once")
+    s.add_argument("--ultraspeed-price-multiplier", type=positive_float, default=3.0)
+    s.add_argument("--price-input", type=NONNEGATIVE, default=0.5, help="USD per million prompt tokens (standard)")
+    s.add_argument("--price-output", type=NONNEGATIVE, default=2.0, help="USD per million completion tokens (standard)")
+    s.add_argument("--max-queue", type=SIZE, default=64, help="waiting requests per engine before 503 (with MXFP4 experts, the default, each tier has its own engine "
                         "and queue; also the most candidates one request may ask for)")
-    s.add_argument("--max-context", type=int, default=2048, help="prompt + completion tokens per request")
-    s.add_argument("--max-n", type=int, default=16, help="largest n (candidates per prompt)")
-    s.add_argument("--max-queued-per-key", type=int, default=10, help="API calls in flight per key before 429")
-    s.add_argument("--session-minutes", type=float, default=30.0,
+    s.add_argument("--max-context", type=int_at_least(2), default=2048, help="prompt + completion tokens per request")
+    s.add_argument("--max-n", type=SIZE, default=16, help="largest n (candidates per prompt)")
+    s.add_argument("--max-queued-per-key", type=SIZE, default=10, help="API calls in flight per key before 429")
+    s.add_argument("--session-minutes", type=NONNEGATIVE, default=30.0,
                    help="trial session per API key, from its first accepted call; later calls get 429 (0 = no limit)")
-    s.add_argument("--request-minutes", type=float, default=30.0, help="longest single call (0 = no limit)")
-    s.add_argument("--idle-minutes", type=float, default=5.0, help="drop a stream with no tokens this long (0 = never)")
+    s.add_argument("--request-minutes", type=NONNEGATIVE, default=30.0, help="longest single call (0 = no limit)")
+    s.add_argument("--idle-minutes", type=NONNEGATIVE, default=5.0, help="drop a stream with no tokens this long (0 = never)")
     s.add_argument("--enable-verifier", action="store_true", help="allow best-of-N `verifier` requests; they RUN "
                    "CLIENT-SUPPLIED PYTHON in a subprocess (time/memory limited, not sandboxed)")
-    s.add_argument("--verifier-timeout", type=float, default=5.0, help="seconds per candidate")
-    s.add_argument("--drain-seconds", type=float, default=60.0, help="on SIGTERM/SIGINT: time in-flight requests "
+    s.add_argument("--verifier-timeout", type=positive_float, default=5.0, help="seconds per candidate")
+    s.add_argument("--drain-seconds", type=NONNEGATIVE, default=60.0, help="on SIGTERM/SIGINT: time in-flight requests "
                    "get to finish")
-    s.add_argument("--threads", type=int, default=0,
+    s.add_argument("--threads", type=COUNT, default=0,
                    help="CPU threads, shared by the engines (default: every core available to the process)")
     add_device_flag(s)
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -718,18 +785,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     bs = bench_sub.add_parser("speed", help="greedy decode tok/s: ours vs HF transformers vs llama.cpp")
     add_bench_flags(bs)
-    bs.add_argument("--new-tokens", type=int, default=128)
-    bs.add_argument("--peers", nargs="*", default=["hf_transformers", "llama_cpp"])
+    bs.add_argument("--new-tokens", type=SIZE, default=128)
+    bs.add_argument("--peers", nargs="*", default=["hf_transformers", "llama_cpp"],
+                    choices=["hf_transformers", "llama_cpp"])
     bs.add_argument("--no-peers", action="store_true", help="measure our engine only")
     bs.add_argument("--drafter", default=None, help="also measure DFlash with this drafter")
     bs.set_defaults(func=cmd_bench_speed)
     ba = bench_sub.add_parser("acceptance", help="DFlash accepted length and speed-up per domain and block size")
     add_bench_flags(ba)
     ba.add_argument("--drafter", default=None)
-    ba.add_argument("--domains", nargs="+", default=["code", "math", "chat", "agent"])
-    ba.add_argument("--block-sizes", type=int, nargs="+", default=[8, 16])
-    ba.add_argument("--prompts", type=int, default=4, help="prompts per domain")
-    ba.add_argument("--max-tokens", type=int, default=128)
+    ba.add_argument("--domains", nargs="+", default=["code", "math", "chat", "agent"],
+                    choices=["code", "math", "chat", "agent"])
+    ba.add_argument("--block-sizes", type=int_at_least(2), nargs="+", default=[8, 16])
+    ba.add_argument("--prompts", type=SIZE, default=4, help="prompts per domain")
+    ba.add_argument("--max-tokens", type=SIZE, default=128)
     ba.add_argument("--split", choices=["eval", "train"], default="eval",
                     help="eval: held-out prompts (default); train: the drafter's training prompts (to see how much "
                     "of its acceptance is memorised)")
@@ -753,11 +822,11 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--out-dir", default="docs/bench", help="where report.json, report.md and the PNGs go")
     br.add_argument("--systems", nargs="+", default=list(REPORT_SYSTEMS), choices=REPORT_SYSTEMS)
     br.add_argument("--domains", nargs="+", default=list(REPORT_DOMAINS), choices=REPORT_DOMAINS)
-    br.add_argument("--prompts", type=int, default=3, help="held-out prompts per domain")
-    br.add_argument("--repeats", type=int, default=3, help="rounds over the prompts; medians are reported")
-    br.add_argument("--new-tokens", type=int, default=128)
-    br.add_argument("--block-sizes", type=int, nargs="+", default=[4, 8, 16], help="DFlash block sizes swept")
-    br.add_argument("--threads", type=int, default=2, help="CPU threads for every system (default 2)")
+    br.add_argument("--prompts", type=SIZE, default=3, help="held-out prompts per domain")
+    br.add_argument("--repeats", type=SIZE, default=3, help="rounds over the prompts; medians are reported")
+    br.add_argument("--new-tokens", type=SIZE, default=128)
+    br.add_argument("--block-sizes", type=int_at_least(2), nargs="+", default=[4, 8, 16], help="DFlash block sizes swept")
+    br.add_argument("--threads", type=SIZE, default=2, help="CPU threads for every system (default 2)")
     br.add_argument("--verify", choices=["adaptive", "full"], default="adaptive",
                     help="DFlash systems verify adaptively (default, as generate and serve do) or whole blocks")
     br.add_argument("--lookup-corpus", default="auto", metavar="auto|none|FILE",
@@ -775,10 +844,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_flags(bq)
     bq.add_argument("--qat", default=None, help="also measure this QAT checkpoint (from `ultraspeed qat`)")
     bq.add_argument("--scale-rule", default="mse", choices=["floor", "ceil", "even", "mse"])
-    bq.add_argument("--chat-texts", type=int, default=200, help="held-out ShareGPT turns (all 44 held-out "
+    bq.add_argument("--chat-texts", type=SIZE, default=200, help="held-out ShareGPT turns (all 44 held-out "
                     "HumanEval tasks are always used)")
-    bq.add_argument("--window", type=int, default=512, help="tokens per perplexity window")
-    bq.add_argument("--new-tokens", type=int, default=32, help="tokens generated per decode-speed sample")
+    bq.add_argument("--window", type=int_at_least(2), default=512, help="tokens per perplexity window")
+    bq.add_argument("--new-tokens", type=SIZE, default=32, help="tokens generated per decode-speed sample")
     bq.set_defaults(func=cmd_bench_quant)
 
     q = sub.add_parser("quantize", help="write an MXFP4-expert checkpoint (gpt-oss blocks/scales layout)")
@@ -799,44 +868,44 @@ def build_parser() -> argparse.ArgumentParser:
                         "from the original), then export an MXFP4 checkpoint")
     qa.add_argument("--model", default="default", help="model to train (directory, .gguf or 'default')")
     qa.add_argument("--out", default="runs/qat", help="training state (resumable) and the exported checkpoint")
-    qa.add_argument("--steps", type=int, default=100)
-    qa.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the expert weights")
-    qa.add_argument("--seq-len", type=int, default=256)
-    qa.add_argument("--seqs-per-step", type=int, default=2)
-    qa.add_argument("--chat-texts", type=int, default=1000, help="ShareGPT train turns (plus all 120 HumanEval "
+    qa.add_argument("--steps", type=SIZE, default=100)
+    qa.add_argument("--lr", type=positive_float, default=1e-4, help="AdamW learning rate of the expert weights")
+    qa.add_argument("--seq-len", type=int_at_least(2), default=256)
+    qa.add_argument("--seqs-per-step", type=SIZE, default=2)
+    qa.add_argument("--chat-texts", type=COUNT, default=1000, help="ShareGPT train turns (plus all 120 HumanEval "
                     "train solutions)")
     qa.add_argument("--scale-rule", default="mse", choices=["floor", "ceil", "even", "mse"])
-    qa.add_argument("--checkpoint-every", type=int, default=25)
-    qa.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    qa.add_argument("--checkpoint-every", type=SIZE, default=25)
+    qa.add_argument("--threads", type=COUNT, default=0, help="CPU threads (default: torch's choice)")
     qa.add_argument("--seed", type=int, default=0)
     qa.set_defaults(func=cmd_qat)
 
     lc = sub.add_parser("build-lookup-corpus", help="the target's greedy answers to training prompts, as a corpus "
                         "to draft from where a request's own context has no match (--lookup-corpus)")
     lc.add_argument("--model", default="default", help="target model (directory, .gguf or 'default')")
-    lc.add_argument("--prompts", type=int, nargs=4, default=[240, 400, 400, 240], metavar=("CODE", "MATH", "CHAT",
+    lc.add_argument("--prompts", type=COUNT, nargs=4, default=[240, 400, 400, 240], metavar=("CODE", "MATH", "CHAT",
                     "AGENT"), help="training prompts per domain (default 240 400 400 240: the shipped corpus)")
-    lc.add_argument("--max-new-tokens", type=int, default=128)
-    lc.add_argument("--batch", type=int, default=16, help="sequences decoded at once")
+    lc.add_argument("--max-new-tokens", type=SIZE, default=128)
+    lc.add_argument("--batch", type=SIZE, default=16, help="sequences decoded at once")
     lc.add_argument("--weights", choices=["auto", "fp32", "int8", "q4"], default="auto",
                     help="the target's weight format while answering: the one it is served in (auto)")
-    lc.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    lc.add_argument("--threads", type=COUNT, default=0, help="CPU threads (default: torch's choice)")
     lc.add_argument("--out", required=True, help=".npz file to write")
     lc.set_defaults(func=cmd_build_lookup_corpus)
 
     c = sub.add_parser("cost", help="effective cost and time per completed task, standard vs ultraspeed tier")
-    c.add_argument("--output-tokens", type=int, default=2000, help="output tokens per task (default 2000)")
-    c.add_argument("--prompt-tokens", type=int, default=1000)
-    c.add_argument("--standard-speed", type=float, default=None, help="tok/s of the standard tier")
-    c.add_argument("--ultraspeed-speed", type=float, default=None, help="tok/s of the ultraspeed tier")
+    c.add_argument("--output-tokens", type=SIZE, default=2000, help="output tokens per task (default 2000)")
+    c.add_argument("--prompt-tokens", type=COUNT, default=1000)
+    c.add_argument("--standard-speed", type=positive_float, default=None, help="tok/s of the standard tier")
+    c.add_argument("--ultraspeed-speed", type=positive_float, default=None, help="tok/s of the ultraspeed tier")
     c.add_argument("--from-bench", default=None, help="read both speeds from a bench speed/acceptance JSON")
-    c.add_argument("--multiplier", type=float, default=3.0, help="ultraspeed price multiplier (default 3)")
-    c.add_argument("--price-in", type=float, default=0.5, help="USD per million input tokens at 1x")
-    c.add_argument("--price-out", type=float, default=2.0, help="USD per million output tokens at 1x")
-    c.add_argument("--ttft", type=float, default=0.5, help="seconds to first token (both tiers)")
-    c.add_argument("--standard-retry-rate", type=float, default=0.0, help="probability an attempt times out")
-    c.add_argument("--ultraspeed-retry-rate", type=float, default=0.0)
-    c.add_argument("--value-of-time", type=float, default=0.0, help="USD per hour of waiting")
+    c.add_argument("--multiplier", type=positive_float, default=3.0, help="ultraspeed price multiplier (default 3)")
+    c.add_argument("--price-in", type=NONNEGATIVE, default=0.5, help="USD per million input tokens at 1x")
+    c.add_argument("--price-out", type=NONNEGATIVE, default=2.0, help="USD per million output tokens at 1x")
+    c.add_argument("--ttft", type=NONNEGATIVE, default=0.5, help="seconds to first token (both tiers)")
+    c.add_argument("--standard-retry-rate", type=float_in(0.0, 1.0), default=0.0, help="probability an attempt times out")
+    c.add_argument("--ultraspeed-retry-rate", type=float_in(0.0, 1.0), default=0.0)
+    c.add_argument("--value-of-time", type=NONNEGATIVE, default=0.0, help="USD per hour of waiting")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_cost)
     return parser
@@ -844,13 +913,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:     # argparse has printed the usage error (or the help): its status is ours
+        return e.code if isinstance(e.code, int) else 2
     try:
         return args.func(args)
-    except UltraSpeedError as e:
-        print(f"ultraspeed: error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # invalid parameter values (sampling params, shapes)
+    except BrokenPipeError:     # `ultraspeed generate ... | head`: the reader left; end quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except (UltraSpeedError, ValueError, OSError) as e:   # bad input, parameter values, paths
         print(f"ultraspeed: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

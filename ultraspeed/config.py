@@ -7,7 +7,9 @@ implementation reads them all. `from_hf` reads a Hugging Face config.json dict; 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from ultraspeed.errors import UltraSpeedError
 
@@ -171,6 +173,28 @@ def _sliding_window(c: dict) -> int | None:
         # MiMo's original configs count the window without the query itself.
         return c["sliding_window_size"] + 1
     return c.get("sliding_window")
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (config.json, tokenizer_config.json, ...), or one clear error naming it."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UltraSpeedError(f"{path}: cannot read it as JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise UltraSpeedError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+def config_from_hf_file(path: Path) -> ModelConfig:
+    """config_from_hf on a config.json file, a missing or malformed field named with the file."""
+    try:
+        return config_from_hf(read_json_object(path))
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, UltraSpeedError):
+            raise
+        field_name = f"no field {e}" if isinstance(e, KeyError) else str(e)
+        raise UltraSpeedError(f"{path}: not a usable model config ({field_name})") from None
 
 
 def config_from_hf(c: dict) -> ModelConfig:

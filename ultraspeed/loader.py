@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ultraspeed.config import ModelConfig, config_from_gguf, config_from_hf
+from ultraspeed.config import ModelConfig, config_from_gguf, config_from_hf_file, read_json_object
 from ultraspeed.errors import UltraSpeedError
 from ultraspeed.models.decoder import Decoder
 from ultraspeed.quant.apply import packed_placeholders
@@ -76,7 +76,7 @@ def load_model(model: str | Path | None = DEFAULT_MODEL, dtype: torch.dtype = to
         config_path = path / "config.json"
         if not config_path.exists():
             raise UltraSpeedError(f"{path}: no config.json; expected a Hugging Face model directory or a .gguf file")
-        config = config_from_hf(json.loads(config_path.read_text()))
+        config = config_from_hf_file(config_path)
         tensors = read_safetensors_dir(path)
         tokenizer = tokenizer_from_hf_dir(path, config.eos_token_ids)
     else:
@@ -135,7 +135,10 @@ def read_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
     index = directory / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UltraSpeedError(f"{index}: no weight_map")
+        shards = sorted(set(weight_map.values()))
     else:
         shards = sorted(p.name for p in directory.glob("*.safetensors"))
     if not shards:

@@ -7,7 +7,6 @@ a byte-level BPE; control tokens become special tokens, so they are never split 
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import jinja2
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, AddedToken
 
+from ultraspeed.config import read_json_object
 from ultraspeed.errors import UltraSpeedError
 
 GGUF_CONTROL_TOKEN = 3
@@ -67,7 +67,10 @@ class Tokenizer:
         if self._template is None:
             env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
             env.globals["raise_exception"] = _raise_template_error
-            self._template = env.from_string(self.chat_template)
+            try:
+                self._template = env.from_string(self.chat_template)
+            except jinja2.TemplateSyntaxError as e:
+                raise UltraSpeedError(f"the model's chat template does not parse ({e}); --raw skips it") from None
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                      bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
@@ -90,9 +93,12 @@ def tokenizer_from_hf_dir(directory: Path, eos_token_ids: tuple[int, ...] = ()) 
     path = directory / "tokenizer.json"
     if not path.exists():
         raise UltraSpeedError(f"{directory}: no tokenizer.json (a Hugging Face fast tokenizer is required)")
-    backend = HFTokenizer.from_file(str(path))
+    try:
+        backend = HFTokenizer.from_file(str(path))
+    except Exception as e:        # the tokenizers library raises a bare Exception
+        raise UltraSpeedError(f"{path}: not a tokenizer the tokenizers library can read ({e})") from None
     cfg_path = directory / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    cfg = read_json_object(cfg_path) if cfg_path.exists() else {}
     template = cfg.get("chat_template")
     jinja_path = directory / "chat_template.jinja"
     if template is None and jinja_path.exists():

@@ -55,3 +55,41 @@ def test_cli_reads_speeds_from_bench_report(tmp_path, capsys):
     assert [t["tier"] for t in out["tiers"]] == ["standard", "ultraspeed"]
     assert out["tiers"][1]["seconds_per_task"] < out["tiers"][0]["seconds_per_task"]
     assert main(["cost"]) == 2
+
+
+def test_an_acceptance_report_gives_the_speed_as_served(tmp_path):
+    """`served` is what generate and serve run; the bare drafter's whole-block speed can be slower than plain."""
+    def domain(plain, bare, served):
+        return {"plain_tokens_per_s": plain, "blocks": {"8": {"tokens_per_s": bare, "served": {"tokens_per_s": served}},
+                                                        "16": {"tokens_per_s": bare, "served": {"tokens_per_s": 1.0}}}}
+    path = tmp_path / "acceptance.json"
+    path.write_text(json.dumps({"bench": "acceptance", "results": {"code": domain(40, 30, 60), "math": domain(50, 35, 80)}}))
+    assert speeds_from_bench(path) == {"standard": 45.0, "ultraspeed": 70.0}
+
+
+@pytest.mark.parametrize("content", ['[1, 2]', '{"bench": "speed"}', '{"bench": "speed", "systems": []}',
+                                     '{"bench": "acceptance", "results": {}}', '{"bench": "other"}',
+                                     '{"bench": "speed", "systems": {"ultraspeed_plain": {"tokens_per_s": "fast"}}}',
+                                     '{"bench": "speed", "systems": {"ultraspeed_plain": {"tokens_per_s": -3}}}'])
+def test_a_malformed_report_is_one_clear_error(tmp_path, content):
+    path = tmp_path / "r.json"
+    path.write_text(content)
+    with pytest.raises(UltraSpeedError, match="r.json"):
+        speeds_from_bench(path)
+    path.write_bytes(b"\xff\xfe not utf-8")
+    with pytest.raises(UltraSpeedError, match="r.json"):
+        speeds_from_bench(path)
+
+
+def test_flags_fill_what_a_report_lacks_and_impossible_numbers_are_refused(tmp_path, capsys):
+    path = tmp_path / "speed.json"
+    path.write_text(json.dumps({"bench": "speed", "systems": {"ultraspeed_plain": {"tokens_per_s": 40.0}}}))
+    assert main(["cost", "--from-bench", str(path)]) == 2
+    assert "has no ultraspeed speed" in capsys.readouterr().err
+    assert main(["cost", "--from-bench", str(path), "--ultraspeed-speed", "90", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tiers"][1]["seconds_per_task"] > 0
+    for flags in (["--standard-speed", "nan"], ["--ttft", "-1"], ["--output-tokens", "-100"], ["--multiplier", "-3"],
+                  ["--value-of-time", "-50"], ["--standard-speed", "0"]):
+        assert main(["cost", "--standard-speed", "40", "--ultraspeed-speed", "90", *flags]) == 2, flags
+    with pytest.raises(UltraSpeedError):
+        Task(100, price_out_per_m=-2.0)

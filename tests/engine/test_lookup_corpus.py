@@ -74,6 +74,20 @@ def test_save_load_round_trip_and_corrupt_files(tmp_path):
     (tmp_path / "text.npz").write_text("not numpy")
     with pytest.raises(UltraSpeedError, match="not a lookup corpus"):
         LookupCorpus.load(tmp_path / "text.npz")
+    whole = (tmp_path / "c.npz").read_bytes()
+    for name, data in (("truncated.npz", whole[:len(whole) // 2]), ("empty.npz", b"")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(UltraSpeedError, match="not a lookup corpus"):
+            LookupCorpus.load(tmp_path / name)
+    for name, arrays in (("ngrams.npz", dict(ngrams=np.array([0, 0]))), ("2d.npz", dict(starts=np.zeros((2, 2))))):
+        np.savez(tmp_path / name, **{"tokens": np.arange(5), "starts": np.array([0, 5]), "ngrams": np.array([2, 4]),
+                                     **arrays})
+        with pytest.raises(UltraSpeedError, match="corrupt lookup corpus"):
+            LookupCorpus.load(tmp_path / name)
+    np.savez(tmp_path / "negative.npz", tokens=np.array([3, -1, 4, 5, 6]), starts=np.array([0, 5]),
+             ngrams=np.array([2, 4]))
+    with pytest.raises(UltraSpeedError, match="negative token ids"):
+        LookupCorpus.load(tmp_path / "negative.npz", vocab_size=10)
 
 
 def test_the_own_context_comes_first_then_the_corpus():

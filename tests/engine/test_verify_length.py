@@ -6,7 +6,8 @@ import torch
 from tests.helpers import hf_model, ours_from_hf
 from ultraspeed.engine import verify_length
 from ultraspeed.engine.verify_length import StepCost, choose_verify_length, expected_tokens, measure_step_cost
-from ultraspeed.models.dflash import DFlashConfig, DFlashDrafter, init_random
+from ultraspeed.errors import UltraSpeedError
+from ultraspeed.models.dflash import DFlashConfig, DFlashDrafter, init_random, with_block_size
 
 
 def test_expected_tokens_counts_the_bonus_and_each_surviving_prefix():
@@ -84,3 +85,10 @@ def test_a_cpu_drafts_short_blocks_unless_told_otherwise():
     assert serving_block_size(4, 0, cpu) == 4                   # never longer than the drafter was trained for
     assert serving_block_size(16, 0, gpu) == 16                 # verification is ~free there: the whole block
     assert serving_block_size(16, 12, cpu) == 12 and serving_block_size(16, 4, gpu) == 4
+    drafter = DFlashDrafter(DFlashConfig(hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16,
+                                         intermediate_size=96, vocab_size=128, target_layer_ids=(0, 1),
+                                         block_size=16))
+    assert with_block_size(drafter, 12).config.block_size == 12
+    for bad in (100_000, 17, 1):                                # 100k used to allocate a 100k x 100k mask
+        with pytest.raises(UltraSpeedError, match="drafts blocks of 2 to 16"):
+            with_block_size(drafter, bad)

@@ -18,6 +18,7 @@ above v* the faster tier is cheaper per completed task.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,8 +34,10 @@ class Tier:
     timeout_retry_rate: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.tokens_per_s <= 0:
-            raise UltraSpeedError(f"tier {self.name}: tokens_per_s must be > 0")
+        if not 0 < self.tokens_per_s < math.inf:
+            raise UltraSpeedError(f"tier {self.name}: tokens_per_s must be a finite number > 0")
+        if not (0 < self.price_multiplier < math.inf and 0 <= self.ttft_s < math.inf):
+            raise UltraSpeedError(f"tier {self.name}: the price multiplier must be > 0 and ttft_s >= 0 (finite)")
         if not 0 <= self.timeout_retry_rate < 1:
             raise UltraSpeedError(f"tier {self.name}: timeout_retry_rate must be in [0, 1)")
 
@@ -46,6 +49,11 @@ class Task:
     price_in_per_m: float = 0.5       # USD per million input tokens at 1x
     price_out_per_m: float = 2.0      # USD per million output tokens at 1x
     value_of_time_per_h: float = 0.0  # USD per hour of waiting
+
+    def __post_init__(self) -> None:
+        prices = (self.price_in_per_m, self.price_out_per_m, self.value_of_time_per_h)
+        if self.output_tokens < 1 or self.prompt_tokens < 0 or not all(0 <= p < math.inf for p in prices):
+            raise UltraSpeedError("a task needs output_tokens >= 1, prompt_tokens >= 0 and finite prices >= 0")
 
 
 def tier_economics(tier: Tier, task: Task) -> dict:
@@ -78,28 +86,47 @@ def compare(tiers: list[Tier], task: Task) -> dict:
 
 
 def speeds_from_bench(path: Path) -> dict[str, float]:
-    """Standard / ultraspeed tok/s from a `bench speed` or `bench acceptance` JSON report."""
+    """Standard / ultraspeed tok/s found in a `bench speed` or `bench acceptance` JSON report (either may be
+    missing: explicit flags fill the gaps). From an acceptance report: plain decoding, and DFlash as `generate`
+    and `serve` run it (the `served` configuration), at the block size fastest over all domains."""
     try:
-        report = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UltraSpeedError(f"{path}: cannot read a bench JSON report ({e})") from e
+        report = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UltraSpeedError(f"{path}: cannot read a bench JSON report ({e})") from None
+    try:
+        speeds = _report_speeds(report)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise UltraSpeedError(f"{path}: not a bench speed/acceptance report ({type(e).__name__}: {e})") from None
+    return {tier: speed for tier, speed in speeds.items() if speed is not None}
+
+
+def _report_speeds(report: dict) -> dict[str, float | None]:
     if report.get("bench") == "speed":
         systems = report["systems"]
-        speeds = {"standard": systems.get("ultraspeed_plain", {}).get("tokens_per_s")}
-        fast = systems.get("ultraspeed_dflash") or systems.get("ultraspeed_mxfp4_dflash")
-        if fast:
-            speeds["ultraspeed"] = fast.get("tokens_per_s")
-    elif report.get("bench") == "acceptance":
+        fast = systems.get("ultraspeed_dflash") or systems.get("ultraspeed_mxfp4_dflash") or {}
+        return {"standard": _speed(systems.get("ultraspeed_plain", {}).get("tokens_per_s")),
+                "ultraspeed": _speed(fast.get("tokens_per_s"))}
+    if report.get("bench") == "acceptance":
         results = list(report["results"].values())
-        plain = sum(r["plain_tokens_per_s"] for r in results) / len(results)
-        best_block = max(results[0]["blocks"], key=lambda b: sum(r["blocks"][b]["tokens_per_s"] for r in results))
-        speeds = {"standard": plain,
-                  "ultraspeed": sum(r["blocks"][best_block]["tokens_per_s"] for r in results) / len(results)}
-    else:
-        raise UltraSpeedError(f"{path}: not a bench speed/acceptance report")
-    if not all(speeds.values()) or len(speeds) < 2:
-        raise UltraSpeedError(f"{path}: the report lacks a standard or an ultraspeed speed")
-    return speeds
+        if not results:
+            raise ValueError("no results")
+
+        def served(r: dict, block: str) -> float:
+            b = r["blocks"][block]
+            return _speed((b.get("served") or b)["tokens_per_s"])     # reports before "served" timed only one
+
+        best = max(results[0]["blocks"], key=lambda block: sum(served(r, block) for r in results))
+        return {"standard": _speed(sum(_speed(r["plain_tokens_per_s"]) for r in results) / len(results)),
+                "ultraspeed": sum(served(r, best) for r in results) / len(results)}
+    raise ValueError(f"bench {report.get('bench')!r}")
+
+
+def _speed(value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"a speed of {value!r} tok/s")
+    return float(value)
 
 
 def format_report(report: dict) -> str:

@@ -267,7 +267,7 @@ def build_runners(job: SystemJob) -> tuple[dict[int, Runner], dict]:
         return {0: ours_runner(loaded.model, loaded.model.new_cache(1, job.context_tokens()))}, facts
     from ultraspeed.engine.verify_length import measure_step_cost
     from ultraspeed.models.dflash import load_drafter, with_block_size
-    drafter = load_drafter(job.drafter)
+    drafter = load_drafter(job.drafter, target=loaded.config)
     match_drafter_weights(drafter, facts["weights"], loaded.model)
     facts["block_size"] = drafter.config.block_size
     cache = loaded.model.new_cache(1, job.context_tokens(drafter.config.block_size))   # one, shared by the sweep

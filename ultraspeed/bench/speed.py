@@ -90,7 +90,7 @@ def run_speed_bench(cfg: SpeedConfig) -> dict:
         systems["ultraspeed_plain"] = systems["ultraspeed_plain_fp32"]
     if cfg.drafter:
         from ultraspeed.models.dflash import load_drafter
-        drafter = load_drafter(cfg.drafter)
+        drafter = load_drafter(cfg.drafter, target=loaded.config)
         match_drafter_weights(drafter, report["weights"], loaded.model)
         step_cost = measure_step_cost(loaded.model, drafter)            # adaptive verification, as generate runs
         systems["ultraspeed_dflash"] = measure(engine_runner(loaded, drafter, step_cost), prompts, cfg.new_tokens,

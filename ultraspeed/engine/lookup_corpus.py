@@ -19,6 +19,7 @@ never a wrong token.
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +93,8 @@ class LookupCorpus:
 
     def check_vocab(self, vocab_size: int) -> None:
         """A corpus written in another model's token ids would draft ids this model cannot embed: refuse it."""
+        if len(self.tokens) and int(self.tokens.min()) < 0:
+            raise UltraSpeedError("the lookup corpus holds negative token ids: it is corrupt")
         largest = int(self.tokens.max()) if len(self.tokens) else -1
         if largest >= vocab_size:
             raise UltraSpeedError(f"the lookup corpus holds token id {largest}, beyond this model's vocabulary of "
@@ -116,11 +119,17 @@ class LookupCorpus:
     def load(cls, path: Path | str, vocab_size: int | None = None) -> "LookupCorpus":
         """Rebuilds the index from the saved sequences (the file holds only the tokens: ~4 bytes each); with
         `vocab_size`, refuses a corpus of another model's token ids (check_vocab)."""
-        try:
+        try:   # allow_pickle stays off: a corpus is plain arrays, and a file must not run code when loaded
             with np.load(path) as f:
-                tokens, starts, (min_n, max_n) = f["tokens"].astype(np.int64), f["starts"], f["ngrams"]
-        except (OSError, KeyError, ValueError) as e:
-            raise UltraSpeedError(f"{path}: not a lookup corpus ({e})") from None
+                tokens, starts, ngrams = f["tokens"], f["starts"], f["ngrams"]
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise UltraSpeedError(f"{path}: not a lookup corpus written by `ultraspeed build-lookup-corpus` "
+                                  f"({type(e).__name__})") from None
+        shapes_ok = (tokens.ndim == starts.ndim == ngrams.ndim == 1 and ngrams.shape == (2,)
+                     and all(np.issubdtype(a.dtype, np.integer) for a in (tokens, starts, ngrams)))
+        if not shapes_ok or not 1 <= ngrams[0] <= ngrams[1] <= 64:
+            raise UltraSpeedError(f"{path}: corrupt lookup corpus (unexpected array shapes, types or n-gram sizes)")
+        tokens, (min_n, max_n) = tokens.astype(np.int64), ngrams
         if len(starts) < 1 or starts[0] != 0 or starts[-1] != len(tokens) or np.any(np.diff(starts) < 0):
             raise UltraSpeedError(f"{path}: corrupt lookup corpus (sequence bounds do not match its tokens)")
         corpus = cls.index(tokens, starts.astype(np.int64), int(min_n), int(max_n))

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ultraspeed.config import ModelConfig, RopeConfig
+from ultraspeed.errors import UltraSpeedError
 from ultraspeed.models.layers import Linear, RMSNorm, attend
 from ultraspeed.models.rope import apply_rope, rope_table
 
@@ -218,7 +219,11 @@ class DFlashDrafter(nn.Module):
 
 
 def with_block_size(drafter: DFlashDrafter, block_size: int) -> DFlashDrafter:
-    """The same weights drafting a different block length (the drafter has no block-size-specific weights)."""
+    """The same weights drafting a shorter block (the drafter has no block-size-specific weights). A longer one is
+    refused: the drafter never learnt to fill those slots (and a huge one would allocate a huge mask)."""
+    if not 2 <= block_size <= drafter.config.block_size:
+        raise UltraSpeedError(f"block size {block_size}: this drafter drafts blocks of 2 to "
+                              f"{drafter.config.block_size} tokens (its training block)")
     if block_size == drafter.config.block_size:
         return drafter
     clone = object.__new__(type(drafter))
@@ -267,9 +272,22 @@ def save_drafter(drafter: DFlashDrafter, path, extra_metadata: dict | None = Non
     save_file(state, str(path), metadata=metadata)
 
 
-def load_drafter(path, dtype: torch.dtype = torch.float32) -> DFlashDrafter:
+def drafter_misfits(config: DFlashConfig, target: ModelConfig) -> list[str]:
+    """Why a drafter cannot serve `target` (empty if it can): it reads the target's hidden states and layers and
+    drafts in its vocabulary."""
+    problems = []
+    if config.hidden_size != target.hidden_size:
+        problems.append(f"hidden size {config.hidden_size}, the model's is {target.hidden_size}")
+    if config.vocab_size != target.vocab_size:
+        problems.append(f"vocabulary of {config.vocab_size}, the model's is {target.vocab_size}")
+    if max(config.target_layer_ids, default=0) >= target.num_layers:
+        problems.append(f"features of layer {max(config.target_layer_ids)}, the model has {target.num_layers}")
+    return problems
+
+
+def load_drafter(path, dtype: torch.dtype = torch.float32, target: ModelConfig | None = None) -> DFlashDrafter:
+    """A drafter from its safetensors file; with `target`, checked to fit that model first."""
     from safetensors import safe_open
-    from ultraspeed.errors import UltraSpeedError
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -281,9 +299,19 @@ def load_drafter(path, dtype: torch.dtype = torch.float32) -> DFlashDrafter:
         raise
     except Exception as e:
         raise UltraSpeedError(f"{path}: cannot read drafter ({e}); the file is missing, corrupt or truncated") from e
+    problems = drafter_misfits(config, target) if target is not None else []
+    if problems:
+        raise UltraSpeedError(f"{path}: this drafter was trained for another model ({'; '.join(problems)}); "
+                              "train one for this model with `ultraspeed train-drafter`, or pass --no-spec")
     with torch.device("meta"):
         drafter = DFlashDrafter(config)
-    drafter.load_state_dict(state, strict=True, assign=True)
+    try:
+        drafter.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise UltraSpeedError(f"{path}: its tensors do not match its own dflash_config ({e})") from e
+    if drafter.draft_vocab is not None and not 0 <= int(drafter.draft_vocab.min()) <= int(
+            drafter.draft_vocab.max()) < config.vocab_size:
+        raise UltraSpeedError(f"{path}: its draft vocabulary holds ids outside [0, {config.vocab_size})")
     cos, sin = rope_table(RopeConfig(theta=config.rope_theta), config.head_dim, config.max_position)
     drafter.rope_cos, drafter.rope_sin = cos, sin
     return drafter.to(dtype).eval().requires_grad_(False)

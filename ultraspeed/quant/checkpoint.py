@@ -77,15 +77,37 @@ def _source_hf_config(loaded: LoadedModel) -> dict | None:
     return json.loads(path.read_text()) if Path(loaded.source).is_dir() and path.exists() else None
 
 
-def save_mxfp4_checkpoint(loaded: LoadedModel, out: str | Path, quant: dict) -> Path:
-    """Write `loaded` (its expert targets already swapped for packed modules) to the directory `out`."""
+def check_checkpoint_output(out: str | Path, source: str | Path | None = None) -> Path:
+    """Refuse an output directory where writing a checkpoint would destroy or mix with another model: the source
+    itself, a directory holding a checkpoint UltraSpeed did not write (rewriting our own, e.g. a resumed QAT
+    export, is fine), or one with other weight files (the loader would read them all)."""
     out = Path(out)
-    tmp = out / f"{WEIGHTS_FILE}.partial"
-    stale = [p.name for p in out.glob("*.safetensors*") if p.name not in (WEIGHTS_FILE, tmp.name)]
+    if source is not None and out.resolve() == Path(source).resolve():
+        raise UltraSpeedError(f"{out} is the input model: writing there would overwrite it; choose a new directory")
+    if out.exists() and not out.is_dir():
+        raise UltraSpeedError(f"{out} exists and is not a directory")
+    config = out / "config.json"
+    if config.exists():
+        producer = None
+        try:
+            producer = json.loads(config.read_text()).get("quantization_config", {}).get("producer")
+        except (OSError, ValueError, AttributeError):
+            pass
+        if producer != "ultraspeed":
+            raise UltraSpeedError(f"{out} already holds another model's checkpoint (config.json); choose a new or "
+                                  "empty directory")
+    stale = [p.name for p in out.glob("*.safetensors*") if p.name not in (WEIGHTS_FILE, f"{WEIGHTS_FILE}.partial")]
     if stale:
-        # The loader reads every shard in the directory: leftovers would mix into the new checkpoint.
         raise UltraSpeedError(f"{out} already holds other weight files ({', '.join(sorted(stale))}); "
                               "choose an empty output directory")
+    return out
+
+
+def save_mxfp4_checkpoint(loaded: LoadedModel, out: str | Path, quant: dict) -> Path:
+    """Write `loaded` (its expert targets already swapped for packed modules) to the directory `out` (see
+    check_checkpoint_output). Every file is written under a temporary name first and renamed at the end, so an
+    interrupted or failed run leaves no mix of new and old files that looks final."""
+    out = check_checkpoint_output(out, loaded.source)
     out.mkdir(parents=True, exist_ok=True)
     model, tok = loaded.model, loaded.tokenizer
     # Stop tokens the source knew through its tokenizer (GGUF end-of-turn) become config eos ids, so the written
@@ -102,13 +124,14 @@ def save_mxfp4_checkpoint(loaded: LoadedModel, out: str | Path, quant: dict) -> 
         state[name if name.startswith("lm_head.") else f"model.{name}"] = tensor.detach().contiguous().cpu()
     if not any(name.endswith("_blocks") for name in state):
         raise ValueError("save_mxfp4_checkpoint: the model holds no packed MXFP4 weights (run quantize_experts)")
-    # Write under a temporary name first: an interrupted run must not leave a truncated file that looks final.
-    save_file(state, str(tmp), metadata={"format": "pt", "quantization": "mxfp4"})
-    tmp.replace(out / WEIGHTS_FILE)
-
-    (out / "config.json").write_text(json.dumps(hf_config, indent=2))
-    tok.backend.save(str(out / "tokenizer.json"))
     tokenizer_config = {"chat_template": tok.chat_template, "bos_token": tok.bos_token, "eos_token": tok.eos_token,
                         "add_bos_token": tok.add_bos}
-    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    writers = {WEIGHTS_FILE: lambda p: save_file(state, str(p), metadata={"format": "pt", "quantization": "mxfp4"}),
+               "config.json": lambda p: p.write_text(json.dumps(hf_config, indent=2)),
+               "tokenizer.json": lambda p: tok.backend.save(str(p)),
+               "tokenizer_config.json": lambda p: p.write_text(json.dumps(tokenizer_config, indent=2))}
+    for name, write in writers.items():
+        write(out / f"{name}.partial")
+    for name in writers:
+        (out / f"{name}.partial").replace(out / name)
     return out
