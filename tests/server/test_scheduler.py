@@ -178,6 +178,22 @@ def test_cancel_frees_the_slot_and_queue_is_bounded(tiny):
     assert second.final is not None and second.final.error
 
 
+def test_requests_count_as_waiting_in_their_group_from_the_moment_they_are_accepted(tiny):
+    """Per-group waiting counts add up to the queue depth at every moment (metrics show both), also for requests
+    the engine thread has not taken from its inbox yet."""
+    engine = Engine(tiny.model, EngineConfig(groups=(GroupConfig("standard", 1), GroupConfig("ultraspeed", 1)),
+                                             max_len=64))           # not started: nothing leaves the inbox
+    params = SamplingParams(max_tokens=2)
+    engine.submit([EngineRequest([1, 2], params, Collector()) for _ in range(3)])
+    engine.submit([EngineRequest([1, 2], params, Collector(), group="ultraspeed")])
+    assert engine.snapshot() == {"standard": {"waiting": 3, "running": 0}, "ultraspeed": {"waiting": 1, "running": 0}}
+    assert engine.queue_depth() == 4
+    engine.start()
+    engine.stop(drain=True)
+    assert engine.snapshot() == {"standard": {"waiting": 0, "running": 0}, "ultraspeed": {"waiting": 0, "running": 0}}
+    assert engine.queue_depth() == 0
+
+
 def test_stop_without_drain_ends_everything_with_an_error(tiny):
     engine = Engine(tiny.model, EngineConfig(groups=(GroupConfig("standard", 1),), max_len=256)).start()
     collectors = [Collector() for _ in range(3)]

@@ -398,6 +398,7 @@ class Engine:
             for r in requests:
                 r.id = self._next_id
                 self._next_id += 1
+                self._counts[r.group][0] += 1       # waiting from now on, like _queued (metrics add them up)
             # One command for the whole call: its requests (the n candidates) reach the waiting queue together,
             # so they are admitted in the same round and can share one prefill.
             self._inbox.put(("submit", list(requests)))
@@ -463,9 +464,7 @@ class Engine:
             while True:
                 kind, arg = command
                 if kind == "submit":
-                    for r in arg:
-                        self._waiting.append(r)
-                        self._counts[r.group][0] += 1
+                    self._waiting.extend(arg)       # counted as waiting by submit already
                 elif kind == "cancel":
                     self._cancel(arg)
                 elif kind == "stop":
@@ -488,8 +487,8 @@ class Engine:
             self._emit(seq.request, Update(finish_reason="cancelled", stats=seq.stats))
 
     def _dequeued(self, r: EngineRequest) -> None:
-        self._counts[r.group][0] -= 1
         with self._lock:
+            self._counts[r.group][0] -= 1
             self._queued -= 1
 
     def _admit_waiting(self) -> None:
