@@ -604,6 +604,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           request_seconds=args.request_minutes * 60, idle_seconds=args.idle_minutes * 60)
     ParallelPlan(args.tp, args.ep)             # refuse impossible flags before the (long) load
     refuse_static_sharding(args)
+    if args.max_n > args.max_queue:
+        raise UltraSpeedError(f"--max-n {args.max_n} exceeds --max-queue {args.max_queue}: the n candidates of one "
+                              "call are queued together, so such a call could never be accepted")
     corpus = lookup_corpus_arg(args)
     loaded = load_on_device(args.model, args.device, args.tp > 1 or args.ep > 1)
     env = shard_for_this_rank(loaded.model, args.tp, args.ep)

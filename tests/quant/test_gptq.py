@@ -112,7 +112,7 @@ def test_routed_experts_are_rounded_from_their_own_tokens(tiny_dir, monkeypatch)
                            rounded[f"{name}.down_proj"])
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "deepseek_v3", "mimo_v2_flash"])
 def test_gptq_experts_reconstruct_the_logits_better_than_nearest(tiny_dir, arch):
     loaded = load_model(tiny_dir(arch))
     held_out = token_ids(seed=9, batch=16, length=64)

@@ -2,7 +2,8 @@
 
 On a GPU a target forward over 16 positions costs about what one position costs (the weights are read once),
 so the whole block is verified. On a CPU the forward is compute-bound: each extra position adds a sizeable
-fraction of a one-token step (a 16-token verify of the default model costs ~3x a plain step), and verifying
+fraction of a one-token step (about a third of it for the default model here: docs/bench/acceptance.json's
+step costs), and verifying
 drafts the drafter itself doubts spends that time for nothing. Verifying fewer drafts never changes the output:
 the target alone decides acceptance, over whatever prefix of the block it is shown.
 
@@ -42,9 +43,9 @@ class StepCost:
 
 # On a CPU, blocks of this many positions: verification there rarely takes more than a few drafts (the adaptive
 # rule above verifies 1.2-5.6 of 15 on average), so drafting 16 positions pays ~40% more draft time for slots that
-# are almost never verified. Measured side by side (docs/bench/acceptance.json, adaptive verification with lookup
-# drafts, as served): block 8 runs 1.02-1.53x plain decoding, block 16 1.02-1.61x; 8 is ahead on code (1.53 vs
-# 1.42x) and math (1.52 vs 1.40x), 16 on agent transcripts (1.61 vs 1.47x).
+# are almost never verified. Measured side by side when this was chosen (2026-12-01, docs/drafter.md "Lookup
+# drafts beside the drafter", adaptive verification with lookup drafts): block 8 ran 1.02-1.53x plain decoding,
+# block 16 1.02-1.61x; 8 ahead on code (1.53 vs 1.42x) and math (1.52 vs 1.40x), 16 on agent (1.61 vs 1.47x).
 CPU_BLOCK_SIZE = 8
 
 

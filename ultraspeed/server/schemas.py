@@ -59,7 +59,11 @@ class _Sampling(_Strict):
     top_k: int = Field(0, ge=0, description="extension: 0 = no top-k filter")
     n: int = Field(1, ge=1, le=128, description="candidates per prompt (the server may cap it lower)")
     stop: str | list[str] | None = Field(None, description="up to 4 stop strings")
-    seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 63, description="candidate i samples with seed + i")
+    seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 63,
+                             description="candidate i samples with seed + i; reproducible whatever else runs on the "
+                                         "standard tier, and on the ultraspeed tier with whole-block verification "
+                                         "(serve --verify full, or the static runtime): adaptive verification picks "
+                                         "one verify length for the whole batch")
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="extension: keep generating past end-of-sequence")
