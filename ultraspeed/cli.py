@@ -502,7 +502,7 @@ def cmd_bench_report(args: argparse.Namespace) -> int:
     cfg = ReportConfig(model=args.model, drafter=args.drafter, systems=tuple(args.systems),
                        domains=tuple(args.domains), prompts_per_domain=args.prompts, new_tokens=args.new_tokens,
                        repeats=args.repeats, block_sizes=tuple(args.block_sizes), threads=args.threads,
-                       verify=args.verify, lookup=not args.no_lookup,
+                       verify=args.verify, lookup=not args.no_lookup, rounding=args.rounding,
                        lookup_corpus=as_str(lookup_corpus_for(args.model, args.lookup_corpus)))
     report = run_report(quick(cfg) if args.quick else cfg, Path(args.out_dir))
     print(json.dumps(report, indent=2) if args.json else (Path(args.out_dir) / "report.md").read_text())
@@ -839,6 +839,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="DFlash systems draft with the drafter only (default: lookup drafts where the context "
                          "repeats, as generate and serve do)")
     br.add_argument("--quick", action="store_true", help="1 repeat, 1 prompt per domain, 16 new tokens")
+    br.add_argument("--rounding", choices=["gptq", "nearest"], default="gptq",
+                    help="MXFP4 systems: gptq (default; as the ultraspeed tier serves them, `mse` scales) or nearest")
     br.add_argument("--json", action="store_true", help="print the JSON report instead of the Markdown")
     br.set_defaults(func=cmd_bench_report)
 

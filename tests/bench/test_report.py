@@ -46,7 +46,8 @@ def test_quick_report_end_to_end(capsys, tmp_path):
             assert scope["mean_accepted"] == 1.0            # plain decoding commits one token per forward
         mem = s["memory_mb"]
         assert mem["peak_rss"] > 0 and 0 < mem["extra_peak"] <= mem["peak_rss"]
-    assert "mxfp4" in report["systems"]["ours_mxfp4"]
+    assert report["systems"]["ours_mxfp4"]["mxfp4"]["rounding"] == "gptq"            # as the tier serves it
+    assert report["systems"]["ours_mxfp4"]["mxfp4"]["scale_rule"] == "mse"
     r = report["ratios"]["ours_mxfp4"]["ours_plain"]
     rates = [report["systems"][n][ALL]["tokens_per_s"]["median"] for n in ("ours_mxfp4", "ours_plain")]
     assert r[ALL] == pytest.approx(rates[0] / rates[1], rel=1e-2) and set(r) == {"math", ALL}
@@ -134,7 +135,7 @@ def test_markdown_lists_missing_and_failed_systems():
     rows = {row[0]: row for row in table_rows(markdown)}
     assert rows["llama_cpp"][1] == "missing: not installed (llama_cpp)"
     assert rows["ours_mxfp4"][1] == "failed: RuntimeError: boom"
-    assert GPU_NOTE in markdown and "8 (drafter's own)" in markdown
+    assert GPU_NOTE in markdown and "8 (as served)" in markdown
 
 
 def test_missing_reasons(tmp_path):

@@ -161,6 +161,11 @@ def test_the_serving_copy_is_cached(tiny_dir, tmp_path, monkeypatch):
     with torch.no_grad():
         assert torch.equal(first(ids, first.new_cache(1, 10))[0], again(ids, again.new_cache(1, 10))[0])
 
+    fresh = load_model(tiny_dir("qwen3"))
+    assert gptq.gptq_mxfp4_copy(fresh, "mse", tmp_path, in_place=True) is fresh.model     # no second copy
+    for (name, a), (_, b) in zip(first.state_dict().items(), fresh.model.state_dict().items()):
+        assert torch.equal(a, b), name
+
     entries[0].write_bytes(b"not a safetensors file")                          # damaged: calibrate again
     monkeypatch.undo()
     monkeypatch.setattr(gptq, "calibration_windows", lambda tokenizer, **_: windows)

@@ -61,7 +61,8 @@ class ReportConfig:
     repeats: int = 3
     block_sizes: tuple[int, ...] = (4, 8, 16)
     threads: int = 2
-    scale_rule: str = "ceil"
+    scale_rule: str = "mse"               # MXFP4 systems: as the ultraspeed tier serves them ...
+    rounding: str = "gptq"                # ... rounded by GPTQ (quant/gptq.py), or "nearest"
     verify: str = "adaptive"              # DFlash systems: "adaptive" (as generate runs) or "full" blocks
     lookup: bool = True                   # DFlash systems also draft by lookup where the context repeats (as served)
     lookup_corpus: str | None = None      # ... and from this corpus of the target's answers (as served)
@@ -73,6 +74,8 @@ class ReportConfig:
             raise UltraSpeedError(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
         if self.verify not in ("adaptive", "full"):
             raise UltraSpeedError(f"verify must be 'adaptive' or 'full', not {self.verify!r}")
+        if self.rounding not in ("gptq", "nearest"):
+            raise UltraSpeedError(f"rounding must be 'gptq' or 'nearest', not {self.rounding!r}")
 
 
 def quick(cfg: ReportConfig) -> ReportConfig:
@@ -206,6 +209,7 @@ class SystemJob:
     verify: str = "adaptive"
     lookup: bool = True
     lookup_corpus: str | None = None
+    rounding: str = "gptq"
 
     def context_tokens(self, block_size: int = 0) -> int:
         """KV room to allocate: the longest prompt, the new tokens and one draft block (or lookup) past them.
@@ -259,19 +263,26 @@ def build_runners(job: SystemJob) -> tuple[dict[int, Runner], dict]:
     if "mxfp4" in job.name:
         # Before int8: MXFP4 takes the MLP/expert Linears first, int8 then takes the remaining dense ones.
         from ultraspeed.quant.apply import cpu_kernel, quantize_experts
-        quantize_experts(loaded.model, job.scale_rule)
-        facts["mxfp4"] = {"scale_rule": job.scale_rule,
+        if job.rounding == "gptq":      # as the ultraspeed tier serves it; prepare_mxfp4 calibrated it already
+            from ultraspeed.loader import cache_dir
+            from ultraspeed.quant.gptq import gptq_mxfp4_copy
+            gptq_mxfp4_copy(loaded, job.scale_rule, cache_dir() / "gptq", in_place=True)
+        else:
+            quantize_experts(loaded.model, job.scale_rule)
+        facts["mxfp4"] = {"scale_rule": job.scale_rule, "rounding": job.rounding,
                           "packed_matmul": "cpu_gemm (compiled)" if cpu_kernel() else "reference"}
     facts["weights"] = apply_weight_format(loaded.model, "auto")
     if "dflash" not in job.name:
         return {0: ours_runner(loaded.model, loaded.model.new_cache(1, job.context_tokens()))}, facts
-    from ultraspeed.engine.verify_length import measure_step_cost
+    from ultraspeed.engine.verify_length import measure_step_cost, serving_block_size
     from ultraspeed.models.dflash import load_drafter, with_block_size
     drafter = load_drafter(job.drafter, target=loaded.config)
     match_drafter_weights(drafter, facts["weights"], loaded.model)
-    facts["block_size"] = drafter.config.block_size
+    # The headline block is the one generate and serve draft on this device (8 on a CPU); the sweep adds the rest.
+    facts["block_size"] = serving_block_size(drafter.config.block_size, 0, loaded.model.embed_tokens.weight.device)
+    facts["drafter_block_size"] = drafter.config.block_size
     cache = loaded.model.new_cache(1, job.context_tokens(drafter.config.block_size))   # one, shared by the sweep
-    blocks = sorted({drafter.config.block_size, *job.block_sizes})
+    blocks = sorted({facts["block_size"], *job.block_sizes})
     facts["verify"] = job.verify
     facts["lookup"] = job.lookup
     corpus = None
@@ -325,10 +336,22 @@ def measure_system(job: SystemJob) -> dict:
 
 
 def run_in_fresh_process(job: SystemJob) -> dict:
+    return in_fresh_process(measure_system, job)
+
+
+def in_fresh_process(fn, *args):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(measure_system, job).result()
+        return pool.submit(fn, *args).result()
+
+
+def prepare_mxfp4(model: str, scale_rule: str) -> None:
+    """Calibrate the served tier's GPTQ rounding into its disk cache (as `serve` does at its first start), so the
+    MXFP4 systems load it instead of paying the calibration's time and memory inside their measurements."""
+    from ultraspeed.loader import cache_dir, load_model
+    from ultraspeed.quant.gptq import gptq_mxfp4_copy
+    gptq_mxfp4_copy(load_model(model), scale_rule, cache_dir() / "gptq", in_place=True)
 
 
 # -- pure summaries ------------------------------------------------------------------------------------------
@@ -424,6 +447,8 @@ def run_report(cfg: ReportConfig, out_dir: Path) -> dict:
                           for d, p in prompts.items()},
               "systems": {}}
     partial = out_dir / PARTIAL_DIR
+    if cfg.rounding == "gptq" and any("mxfp4" in name for name in cfg.systems):
+        in_fresh_process(prepare_mxfp4, cfg.model, cfg.scale_rule)
     for name in tqdm(cfg.systems, desc="bench report", unit="system"):
         reason = missing_reason(name, model_path, drafter)
         if reason:
@@ -431,7 +456,7 @@ def run_report(cfg: ReportConfig, out_dir: Path) -> dict:
             continue
         job = SystemJob(name, cfg.model, str(drafter) if drafter else None, prompts, cfg.new_tokens, cfg.repeats,
                         cfg.threads, cfg.scale_rule, tuple(cfg.block_sizes), cfg.verify, cfg.lookup,
-                        cfg.lookup_corpus if cfg.lookup else None)
+                        cfg.lookup_corpus if cfg.lookup else None, cfg.rounding)
         done = load_measured(partial, job)
         if done is not None:
             report["systems"][name] = done
@@ -483,7 +508,7 @@ def load_measured(partial: Path, job: SystemJob) -> dict | None:
 
 def chart_data(report: dict) -> dict[str, dict]:
     """The data of each chart (empty where nothing was measured for it). Block charts draw one line per DFlash
-    system and domain; the histogram, the first DFlash system at its drafter's own block size, per domain."""
+    system and domain; the histogram, the first DFlash system at the block size it is served with, per domain."""
     done = measured(report["systems"])
     domains = list(report["prompts"])
     dflash = {n: s for n, s in done.items() if "blocks" in s}
@@ -585,7 +610,7 @@ def format_markdown(report: dict) -> str:
                     x = b[ALL] if d == ALL else b["domains"][d]
                     speedup = b.get("speedup_vs_plain", {}).get(d)
                     cells.append(f"{x['mean_accepted']}" + ("" if speedup is None else f", {speedup}x"))
-                star = " (drafter's own)" if int(block) == s["block_size"] else ""
+                star = " (as served)" if int(block) == s["block_size"] else ""
                 lines.append(f"| {name} | {block}{star} | " + " | ".join(cells) + " |")
     charts = report.get("charts", {})
     lines += ["", "## Charts", ""]
@@ -608,8 +633,10 @@ def format_markdown(report: dict) -> str:
               "(getrusage maxrss, loading included); extra: peak minus its resident memory after imports, before "
               "loading weights; RSS after: resident memory once measured (what serving holds).",
               "- Ours: dense weights int8 on a CPU (the engine's default), MXFP4 on the MLP/expert weights where "
-              "named; peers: the same GGUF file (HF transformers dequantizes it to fp32), prompt lookup drafting "
-              f"{PROMPT_LOOKUP_TOKENS} tokens.", ""]
+              f"named ({'rounded by GPTQ, as the ultraspeed tier serves them' if cfg.get('rounding') == 'gptq' else 'rounded to nearest'}, "
+              f"`{cfg.get('scale_rule', 'ceil')}` scales); DFlash headline at the block size `generate` and `serve` "
+              "draft on this device, the others in the block table; peers: the same GGUF file (HF transformers "
+              f"dequantizes it to fp32), prompt lookup drafting {PROMPT_LOOKUP_TOKENS} tokens.", ""]
     return "\n".join(lines)
 
 

@@ -221,33 +221,24 @@ def gptq_on_calibration_text(model: Decoder, tokenizer, scale_rule: str = "mse")
     return gptq_experts(model, calibration_windows(tokenizer, window=window), scale_rule)
 
 
-def gptq_mxfp4_copy(loaded, scale_rule: str = "mse", cache: Path | None = None) -> Decoder:
+def gptq_mxfp4_copy(loaded, scale_rule: str = "mse", cache: Path | None = None, in_place: bool = False) -> Decoder:
     """A copy of `loaded.model` (a LoadedModel) whose expert weights (or dense MLP) are MXFP4, rounded by GPTQ on
-    `calibration_windows` and packed. With `cache` (a directory), the packed weights are kept there, keyed by the
-    checkpoint file, the rule and the calibration, so a later start-up loads them instead of calibrating again."""
-    model = copy.deepcopy(loaded.model)
+    `calibration_windows` and packed (`in_place`: `loaded.model` itself, with no second copy in memory). With
+    `cache` (a directory), the packed weights are kept there, keyed by the checkpoint file, the rule and the
+    calibration, so a later start-up loads them instead of calibrating again."""
+    model = loaded.model if in_place else copy.deepcopy(loaded.model)
     targets = gptq_targets(model)
-    names = list(targets)
-    prefixes = tuple(f"{n}." for n in names)
-    entry = None
-    if cache is not None and names:
-        source = Path(loaded.source)
-        stamp = f"{source.stat().st_size}|{source.stat().st_mtime_ns}" if source.is_file() else ""
-        key = hashlib.sha256(f"{source.resolve()}|{stamp}|{scale_rule}|{CALIBRATION}|{MEMORY_BUDGET}|v2".encode()).hexdigest()[:16]
-        entry = cache / f"{source.stem}-{key}.safetensors"
-        if entry.exists():
-            try:
-                packed = load_file(str(entry))
-                packed_placeholders(model, {k for n, m in targets.items() for k in target_matrices(n, m)})
-                missing = model.load_state_dict(packed, strict=False).missing_keys
-                if not any(k.startswith(prefixes) for k in missing):
-                    return model
-            except Exception:
-                pass                  # a damaged entry: calibrate again below
-            model = copy.deepcopy(loaded.model)
+    packed_names = {k for n, m in targets.items() for k in target_matrices(n, m)}
+    entry = cache_entry(loaded, scale_rule, cache) if cache is not None and targets else None
+    packed = _read_entry(entry, packed_names) if entry is not None else None
+    if packed is not None:
+        packed_placeholders(model, packed_names)
+        model.load_state_dict(packed, strict=False)
+        return model
     gptq_on_calibration_text(model, loaded.tokenizer, scale_rule)
     quantize_experts(model, scale_rule)
     if entry is not None:
+        prefixes = tuple(f"{n}." for n in targets)
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
             state = {k: v.contiguous() for k, v in model.state_dict().items() if k.startswith(prefixes)}
@@ -256,3 +247,22 @@ def gptq_mxfp4_copy(loaded, scale_rule: str = "mse", cache: Path | None = None) 
         except OSError:
             pass                      # caching is an optimisation: a read-only home must not stop serving
     return model
+
+
+def cache_entry(loaded, scale_rule: str, cache: Path) -> Path:
+    """Where the packed weights of `loaded`'s checkpoint file, rounded with `scale_rule` on the calibration, live."""
+    source = Path(loaded.source)
+    stamp = f"{source.stat().st_size}|{source.stat().st_mtime_ns}" if source.is_file() else ""
+    key = hashlib.sha256(f"{source.resolve()}|{stamp}|{scale_rule}|{CALIBRATION}|{MEMORY_BUDGET}|v2".encode())
+    return cache / f"{source.stem}-{key.hexdigest()[:16]}.safetensors"
+
+
+def _read_entry(entry: Path, packed_names: set[str]) -> dict[str, Tensor] | None:
+    """The cached packed weights if the entry exists and holds every one of them; None (calibrate again) if it is
+    missing or damaged."""
+    try:
+        packed = load_file(str(entry))
+    except Exception:
+        return None
+    wanted = {f"{name}_{part}" for name in packed_names for part in ("blocks", "scales")}
+    return packed if wanted <= packed.keys() else None
