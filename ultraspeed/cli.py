@@ -323,6 +323,8 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
     if args.corpus_share is not None and not (args.corpus_chat or args.corpus_code):
         raise UltraSpeedError("--corpus-share needs teacher-forced text: give --corpus-chat and/or --corpus-code")
     torch.manual_seed(args.seed)
+    for folder in (args.out, args.data_dir):       # before distilling and training, not at the first checkpoint
+        writable_output(folder, directory=True)
     loaded = load_model(args.model)
     out = Path(args.out)
     existing = out / "drafter.safetensors"
@@ -438,7 +440,8 @@ def cmd_qat(args: argparse.Namespace) -> int:
     print(f"qat data: {len(windows)} windows of {args.seq_len} tokens "
           f"({len(texts['chat'])} ShareGPT turns, {len(texts['code'])} HumanEval solutions)", file=sys.stderr)
     cfg = QATConfig(steps=args.steps, lr=args.lr, seq_len=args.seq_len, seqs_per_step=args.seqs_per_step,
-                    scale_rule=args.scale_rule, checkpoint_every=args.checkpoint_every, seed=args.seed)
+                    scale_rule=args.scale_rule, checkpoint_every=args.checkpoint_every, seed=args.seed,
+                    source=str(Path(loaded.source).resolve()))
     out = Path(args.out)
     train_qat(loaded.model, teacher, windows, cfg, out, log=lambda m: print(m, file=sys.stderr))
     export_qat(loaded.model, cfg.scale_rule)

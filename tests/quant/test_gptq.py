@@ -192,3 +192,15 @@ def test_quantize_cli_writes_the_gptq_rounding(tiny_dir, tmp_path, monkeypatch):
     assert main(["quantize", str(source), str(tmp_path / "nearest")]) == 0
     nearest = load_model(tmp_path / "nearest").model.layers[1].mlp.experts
     assert not torch.equal(nearest.gate_up_proj_blocks, written.model.layers[1].mlp.experts.gate_up_proj_blocks)
+
+
+def test_replaced_weights_in_a_model_directory_get_a_new_cache_entry(tiny_dir, tmp_path):
+    import os
+    import shutil
+    model_dir = shutil.copytree(tiny_dir("qwen3"), tmp_path / "model")
+    loaded = load_model(model_dir)
+    before = gptq.cache_entry(loaded, "mse", tmp_path / "cache")
+    assert gptq.cache_entry(loaded, "mse", tmp_path / "cache") == before
+    weights = model_dir / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))   # new weights
+    assert gptq.cache_entry(loaded, "mse", tmp_path / "cache") != before

@@ -72,3 +72,20 @@ def test_resume_continues_exactly(tiny_dir, tmp_path):
     assert any("resumed" in m and "step 2" in m for m in messages)
     a, b = master_weights(straight), master_weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_a_resume_with_other_settings_or_a_damaged_state_is_refused(tiny_dir, tmp_path):
+    from ultraspeed.errors import UltraSpeedError
+    from ultraspeed.train.qat import STATE_FILE
+    loaded = load_model(tiny_dir("qwen3_moe"))
+    teacher = copy.deepcopy(loaded.model)
+    train_qat(copy.deepcopy(loaded.model), teacher, windows(), dataclasses.replace(CFG, steps=2), tmp_path, quiet)
+    for changed in (dict(lr=1e-3), dict(scale_rule="ceil"), dict(seq_len=8), dict(source="/another/model")):
+        with pytest.raises(UltraSpeedError, match="other settings"):
+            train_qat(copy.deepcopy(loaded.model), teacher, windows(), dataclasses.replace(CFG, **changed), tmp_path,
+                      quiet)
+    with pytest.raises(UltraSpeedError, match="at least that"):
+        train_qat(copy.deepcopy(loaded.model), teacher, windows(), dataclasses.replace(CFG, steps=1), tmp_path, quiet)
+    (tmp_path / STATE_FILE).write_bytes(b"damaged")
+    with pytest.raises(UltraSpeedError, match="cannot resume"):
+        train_qat(copy.deepcopy(loaded.model), teacher, windows(), CFG, tmp_path, quiet)

@@ -122,3 +122,59 @@ def test_distillation_data_is_built_in_shards_that_survive_interruptions_and_gro
     grown = build_or_load(loaded, replace(spec, counts=(("chat", 18),)), tmp_path / "resumed", batch=2, shard_size=5)
     assert calls == [5, 3]                       # [10, 15) and [15, 18): the two full shards are reused
     assert grown.tokens[:10] == clean.tokens[:10] and len(grown) == 18
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_run_resumes_to_the_same_drafter_and_damage_is_one_clear_error(target, tmp_path):
+    from ultraspeed.errors import UltraSpeedError
+    config = DFlashConfig.for_target(target.config, num_layers=1, num_features=2, block_size=4)
+
+    def fresh():
+        drafter = DFlashDrafter(config)
+        init_random(drafter, 0)
+        init_from_target(drafter, target)
+        return drafter
+
+    data = toy_data(target, fresh(), n_seqs=4)
+    cfg = TrainConfig(steps=6, seqs_per_step=2, anchors_per_seq=4, checkpoint_every=3)
+    straight = train(fresh(), target, data, cfg, tmp_path / "straight", log=lambda m: None)
+
+    def killed_after_step_3(message):
+        if message.startswith("step 3:"):            # logged once the step-3 checkpoint is saved
+            raise Interrupted
+    with pytest.raises(Interrupted):
+        train(fresh(), target, data, cfg, tmp_path / "resumed", log=killed_after_step_3)
+    resumed = train(fresh(), target, data, cfg, tmp_path / "resumed", log=lambda m: None)
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert not list((tmp_path / "resumed").glob("*.tmp"))
+
+    (tmp_path / "resumed" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UltraSpeedError, match="checkpoint.pt: cannot resume"):
+        train(fresh(), target, data, replace(cfg, steps=7), tmp_path / "resumed", log=lambda m: None)
+
+    broken = DistillData(data.prompt_lens, data.tokens, data.domains, data.offsets,
+                         np.full_like(data.features, np.nan))
+    with pytest.raises(UltraSpeedError, match="training loss is nan"):
+        train(fresh(), target, broken, cfg, tmp_path / "nan", log=lambda m: None)
+    assert not (tmp_path / "nan" / "drafter.safetensors").exists()
+
+
+def test_the_draft_vocabulary_has_exactly_the_size_asked_for():
+    from ultraspeed.train.drafter import frequent_tokens
+    ids = frequent_tokens([[5, 5, 7], [7, 7, 9]], 12, always=(3,))
+    assert len(ids) == 12 and ids.unique().numel() == 12 and {3, 5, 7, 9} <= set(ids.tolist())
+
+
+def test_a_damaged_data_shard_is_rebuilt(tmp_path, capsys):
+    spec = TrainConfig()
+    (tmp_path / "sequences.pt").write_bytes(b"garbage")
+    np.save(tmp_path / "features.npy", np.zeros((3, 4), dtype=np.float16))
+    assert distill_data.load_cached(tmp_path, spec)[1] is None
+    assert "cannot be read" in capsys.readouterr().err
+    torch.save({"spec": distill_data.load_cached(tmp_path, spec)[0], "prompt_lens": [1], "tokens": [[1, 2]],
+                "domains": ["chat"]}, tmp_path / "sequences.pt")           # 2 tokens, but 3 rows of features
+    assert distill_data.load_cached(tmp_path, spec)[1] is None

@@ -252,7 +252,9 @@ def gptq_mxfp4_copy(loaded, scale_rule: str = "mse", cache: Path | None = None, 
 def cache_entry(loaded, scale_rule: str, cache: Path) -> Path:
     """Where the packed weights of `loaded`'s checkpoint file, rounded with `scale_rule` on the calibration, live."""
     source = Path(loaded.source)
-    stamp = f"{source.stat().st_size}|{source.stat().st_mtime_ns}" if source.is_file() else ""
+    # The checkpoint's files as they are now (a directory: every file in it), so replaced weights recalibrate.
+    files = [source] if source.is_file() else sorted(p for p in source.iterdir() if p.is_file())
+    stamp = ";".join(f"{p.name}|{p.stat().st_size}|{p.stat().st_mtime_ns}" for p in files)
     key = hashlib.sha256(f"{source.resolve()}|{stamp}|{scale_rule}|{CALIBRATION}|{MEMORY_BUDGET}|v2".encode())
     return cache / f"{source.stem}-{key.hexdigest()[:16]}.safetensors"
 

@@ -14,6 +14,7 @@ position; self-distilled tokens are their own labels.)
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -143,10 +144,14 @@ def load_cached(directory: Path, spec) -> tuple[str, DistillData | None]:
     seq_path, feat_path = directory / "sequences.pt", directory / "features.npy"
     spec_json = json.dumps(asdict(spec), sort_keys=True)
     if seq_path.exists() and feat_path.exists():
-        saved = torch.load(seq_path)
-        if saved["spec"] == spec_json:
-            return spec_json, load_saved(saved, feat_path)
-        print(f"drafter data in {directory} was built with another spec; rebuilding")
+        try:
+            saved = torch.load(seq_path)
+            if saved["spec"] == spec_json:
+                return spec_json, load_saved(saved, feat_path)
+            why = "was built with another spec"
+        except Exception as e:   # a damaged cache is rebuilt, like a missing one
+            why = f"cannot be read ({type(e).__name__}: {e})"
+        print(f"drafter data in {directory} {why}; rebuilding", file=sys.stderr)
     return spec_json, None
 
 
@@ -226,4 +231,7 @@ def load_saved(saved: dict, feat_path: Path) -> DistillData:
     lens = [len(t) for t in saved["tokens"]]
     offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
     features = np.load(feat_path, mmap_mode="r")
-    return DistillData(saved["prompt_lens"], saved["tokens"], saved["domains"], offsets, features, saved.get("labels"))
+    labels = saved.get("labels")
+    if features.ndim != 2 or len(features) != offsets[-1] or (labels is not None and len(labels) != len(lens)):
+        raise ValueError(f"{feat_path}: {tuple(features.shape)} features for {int(offsets[-1])} tokens")
+    return DistillData(saved["prompt_lens"], saved["tokens"], saved["domains"], offsets, features, labels)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ultraspeed.errors import UltraSpeedError
 from ultraspeed.models.decoder import Decoder
 from ultraspeed.models.dflash import DFlashDrafter, block_mask, save_drafter
 from ultraspeed.train.distill_data import DataMix, DistillData
@@ -115,8 +116,10 @@ def draft_labels(drafter: DFlashDrafter, token_ids: torch.Tensor) -> torch.Tenso
 
 
 def frequent_tokens(sequences: list[list[int]], count: int, always: tuple[int, ...] = ()) -> torch.Tensor:
-    """The `count` most frequent token ids in the data (plus `always`, e.g. stop tokens), for a draft vocab."""
-    counts = torch.bincount(torch.tensor([t for s in sequences for t in s]))
+    """The `count` most frequent token ids in the data (plus `always`, e.g. stop tokens), for a draft vocab:
+    exactly `count` ids (ids the data never shows fill the rest; `count` must not exceed the vocabulary), so the
+    drafter's saved vocabulary always matches its config."""
+    counts = torch.bincount(torch.tensor([t for s in sequences for t in s]), minlength=count)
     for t in always:
         if t < len(counts):
             counts[t] = counts.max() + 1
@@ -138,6 +141,12 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress)) * 0.95 + 0.05
 
 
+def target_identity(target: Decoder) -> str:
+    """What a checkpoint records of the target it was trained against (a resume against another is refused)."""
+    c = target.config
+    return f"{c.arch}, hidden {c.hidden_size}, {c.num_layers} layers, vocab {c.vocab_size}"
+
+
 def train(drafter: DFlashDrafter, target: Decoder, data: DistillData | DataMix, cfg: TrainConfig, out_dir: Path,
           log=print) -> DFlashDrafter:
     """Train with checkpoints in out_dir (resumed automatically); writes out_dir/drafter.safetensors."""
@@ -146,21 +155,31 @@ def train(drafter: DFlashDrafter, target: Decoder, data: DistillData | DataMix, 
     optimizers = make_optimizers(drafter, cfg)
     base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
     step = 0
+    target_id = target_identity(target)
     if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path)
-        drafter.load_state_dict(ckpt["drafter"])
-        for opt, state in zip(optimizers, ckpt["optimizers"]):
-            opt.load_state_dict(state)
-        step = ckpt["step"]
+        try:
+            ckpt = torch.load(ckpt_path)
+            trained_for = ckpt.get("target")
+            drafter.load_state_dict(ckpt["drafter"])
+            for opt, state in zip(optimizers, ckpt["optimizers"]):
+                opt.load_state_dict(state)
+            step = ckpt["step"]
+        except Exception as e:
+            raise UltraSpeedError(f"{ckpt_path}: cannot resume from it ({type(e).__name__}: {e}); move {out_dir} "
+                                  "away to start over") from None
+        if trained_for is not None and trained_for != target_id:
+            raise UltraSpeedError(f"{ckpt_path} was trained against another target ({trained_for}, this one is "
+                                  f"{target_id}); use another --out")
         log(f"resumed from {ckpt_path} at step {step}")
     target.requires_grad_(False)
     drafter.train().requires_grad_(True)
-    rng = random.Random(cfg.seed + step)
     usable = [i for i in range(len(data)) if len(data.tokens[i]) - data.prompt_lens[i] > drafter.config.block_size]
     bar = tqdm(total=cfg.steps, initial=step, desc="train-drafter", unit="step")
     recent: list[dict] = []
     t_start = time.time()
     while step < cfg.steps:
+        # Seeded by the step, not once: a resumed run draws what an uninterrupted one would have.
+        rng = random.Random(cfg.seed * 1_000_003 + step)
         for opt, lrs in zip(optimizers, base_lrs):
             for group, lr in zip(opt.param_groups, lrs):
                 group["lr"] = lr * lr_factor(step, cfg)
@@ -176,6 +195,10 @@ def train(drafter: DFlashDrafter, target: Decoder, data: DistillData | DataMix, 
             (loss / cfg.seqs_per_step).backward()
             total += loss.item() / cfg.seqs_per_step
             stats.append(st)
+        if not math.isfinite(total):     # e.g. damaged cached features: stop before a NaN drafter is saved
+            raise UltraSpeedError(f"training loss is {total} at step {step + 1}: the cached data may be damaged "
+                                  "(rebuild it: move --data-dir / --corpus-dir away); nothing was saved past the last "
+                                  "checkpoint")
         torch.nn.utils.clip_grad_norm_(drafter.parameters(), cfg.grad_clip)
         for opt in optimizers:
             opt.step()
@@ -186,10 +209,13 @@ def train(drafter: DFlashDrafter, target: Decoder, data: DistillData | DataMix, 
         bar.set_postfix(loss=f"{avg['loss']:.3f}", acc1=f"{avg['acc1']:.3f}", tau=f"{avg['tau']:.2f}")
         bar.update(1)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            torch.save({"drafter": drafter.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
-                        "step": step, "train_config": asdict(cfg)}, ckpt_path)
-            save_drafter(drafter, out_dir / "drafter.safetensors",
+            # Each file under a temporary name first: a run killed while saving keeps its last checkpoint.
+            save_drafter(drafter, out_dir / "drafter.safetensors.tmp",
                          {"train_step": str(step), "train_tau": f"{avg['tau']:.3f}", "train_loss": f"{avg['loss']:.4f}"})
+            torch.save({"drafter": drafter.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
+                        "step": step, "train_config": asdict(cfg), "target": target_id}, ckpt_path.with_suffix(".tmp"))
+            (out_dir / "drafter.safetensors.tmp").replace(out_dir / "drafter.safetensors")
+            ckpt_path.with_suffix(".tmp").replace(ckpt_path)
             log(f"step {step}: loss {avg['loss']:.4f} acc1 {avg['acc1']:.3f} tau {avg['tau']:.2f} "
                 f"({time.time() - t_start:.0f}s)")
     bar.close()

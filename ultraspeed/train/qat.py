@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ultraspeed.errors import UltraSpeedError
 from ultraspeed.models.decoder import Decoder
 from ultraspeed.quant.apply import expert_targets, fake_quantize_experts, quantize_experts
 from ultraspeed.quant.mxfp4 import ScaleRule
@@ -43,6 +44,7 @@ class QATConfig:
     scale_rule: ScaleRule = "ceil"
     checkpoint_every: int = 25
     seed: int = 0
+    source: str = ""              # the model trained (its path): a resume on another model is refused
 
 
 def distill_loss(student: Decoder, teacher: Decoder, ids: torch.Tensor) -> torch.Tensor:
@@ -80,12 +82,24 @@ def train_qat(student: Decoder, teacher: Decoder, windows: list[list[int]], cfg:
     state_path = out / STATE_FILE
     start = 0
     if state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        with torch.no_grad():
-            for name, p in masters.items():
-                p.copy_(state["masters"][name])
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+            with torch.no_grad():
+                for name, p in masters.items():
+                    p.copy_(state["masters"][name])
+            optimizer.load_state_dict(state["optimizer"])
+            start, saved = state["step"], state.get("config", {})
+        except Exception as e:
+            raise UltraSpeedError(f"{state_path}: cannot resume from it ({type(e).__name__}: {e}); move {out} away "
+                                  "to start over") from None
+        # Only the length of the run and its checkpoints may change on resume; anything else would mix two runs.
+        changed = [k for k, v in asdict(cfg).items() if k not in ("steps", "checkpoint_every") and k in saved
+                   and saved[k] != v]
+        if changed:
+            raise UltraSpeedError(f"{state_path} was trained with other settings ({', '.join(changed)}); resume with "
+                                  "the same flags, or use another --out")
+        if start > cfg.steps:
+            raise UltraSpeedError(f"{state_path} has trained {start} steps already; --steps must be at least that")
         log(f"qat: resumed from {state_path} at step {start}")
 
     def save(step: int) -> None:
