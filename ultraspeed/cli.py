@@ -309,6 +309,27 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
                        seed=args.seed, checkpoint_every=args.checkpoint_every)
 
 
+def locked_to_out(check_flags=lambda args: None):
+    """A training command that resumes from its --out, held to one run per --out (train/run_lock.py), once
+    `check_flags` has passed (a refused flag leaves nothing behind)."""
+    def wrap(run):
+        def command(args: argparse.Namespace) -> int:
+            from pathlib import Path
+            from ultraspeed.train.run_lock import exclusive_run
+            check_flags(args)
+            writable_output(args.out, directory=True)
+            with exclusive_run(Path(args.out)):
+                return run(args)
+        return command
+    return wrap
+
+
+def check_corpus_share(args: argparse.Namespace) -> None:
+    if args.corpus_share is not None and not (args.corpus_chat or args.corpus_code):
+        raise UltraSpeedError("--corpus-share needs teacher-forced text: give --corpus-chat and/or --corpus-code")
+
+
+@locked_to_out(check_corpus_share)
 def cmd_train_drafter(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -320,8 +341,6 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
     from ultraspeed.train.distill_data import DataMix, DistillSpec, build_or_load
     from ultraspeed.train.drafter import frequent_tokens, train
 
-    if args.corpus_share is not None and not (args.corpus_chat or args.corpus_code):
-        raise UltraSpeedError("--corpus-share needs teacher-forced text: give --corpus-chat and/or --corpus-code")
     torch.manual_seed(args.seed)
     for folder in (args.out, args.data_dir):       # before distilling and training, not at the first checkpoint
         writable_output(folder, directory=True)
@@ -417,6 +436,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+@locked_to_out()
 def cmd_qat(args: argparse.Namespace) -> int:
     import copy
     from pathlib import Path
