@@ -342,8 +342,7 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
     from ultraspeed.train.drafter import frequent_tokens, train
 
     torch.manual_seed(args.seed)
-    for folder in (args.out, args.data_dir):       # before distilling and training, not at the first checkpoint
-        writable_output(folder, directory=True)
+    writable_output(args.data_dir, directory=True)  # before distilling (--out: checked by locked_to_out)
     loaded = load_model(args.model)
     out = Path(args.out)
     existing = out / "drafter.safetensors"
@@ -448,7 +447,6 @@ def cmd_qat(args: argparse.Namespace) -> int:
     from ultraspeed.train.text_corpus import corpus_texts, token_windows
 
     check_checkpoint_output(args.out)           # its training state and the exported checkpoint live there
-    writable_output(args.out, directory=True)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads) if args.threads else None
     loaded = load_model(args.model, dequantize=True)

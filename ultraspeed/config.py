@@ -190,9 +190,7 @@ def config_from_hf_file(path: Path) -> ModelConfig:
     """config_from_hf on a config.json file, a missing or malformed field named with the file."""
     try:
         return config_from_hf(read_json_object(path))
-    except (KeyError, TypeError, ValueError) as e:
-        if isinstance(e, UltraSpeedError):
-            raise
+    except (KeyError, TypeError, ValueError) as e:      # UltraSpeedError (unknown architecture) passes as is
         field_name = f"no field {e}" if isinstance(e, KeyError) else str(e)
         raise UltraSpeedError(f"{path}: not a usable model config ({field_name})") from None
 

@@ -238,10 +238,10 @@ def create_app(state: ServerState) -> FastAPI:
     def check_text_size(texts: list[str], tier: Tier, param: str) -> None:
         """Refuse text that cannot fit the context before tokenizing it (which takes seconds per megabyte): no
         tokenization gives fewer tokens than UTF-8 bytes over the longest token's bytes."""
-        limit = state.engines[tier.name].context_limit * state.tokenizer.max_token_bytes
+        context = state.engines[tier.name].context_limit
         size = sum(len(t.encode()) for t in texts)
-        if size > limit:
-            raise APIError(400, f"This model's maximum context length is {state.engines[tier.name].context_limit} "
+        if size > context * state.tokenizer.max_token_bytes:
+            raise APIError(400, f"This model's maximum context length is {context} "
                                 f"tokens, and the {param} holds {size:,} bytes of text: more tokens than that "
                                 f"whatever they are. Please reduce the length of the {param}.",
                            code="context_length_exceeded", param=param)
